@@ -1,0 +1,21 @@
+"""Shared fixtures. Ray tests share one small in-process cluster for the whole session."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One in-process Ray (2 CPUs, no dashboard) for every test that needs it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            object_store_memory=200 * 1024 * 1024,
+        )
+    yield ray

@@ -1,0 +1,1 @@
+"""Learner, callbacks, schedules, models, LSUV and the generic stateful optimizer."""
