@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 
 def vocab_fingerprint(names: Sequence[str]) -> str:
@@ -34,7 +34,7 @@ class Vocab:
             raise ValueError("vocab names must be unique")
 
     @classmethod
-    def from_labels(cls, labels: Iterable[str]) -> "Vocab":
+    def from_labels(cls, labels: Iterable[str]) -> Vocab:
         """Sorted unique labels, so the same folders always give the same vocab."""
         return cls(sorted(set(labels)))
 
@@ -70,7 +70,7 @@ class Vocab:
         return {"vocab": self.names, "vocab_fingerprint": self.fingerprint}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Vocab":
+    def from_json(cls, data: dict) -> Vocab:
         """Load from `{"vocab", "vocab_fingerprint"}`, refusing a fingerprint that disagrees."""
         vocab = cls(data["vocab"])
         expected = data.get("vocab_fingerprint")
@@ -87,7 +87,7 @@ class Vocab:
         atomic_write_text(path, json.dumps(self.to_json(), ensure_ascii=False, indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocab":
+    def load(cls, path: str | Path) -> Vocab:
         return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
 
     def check_fingerprint(self, fingerprint: str, what: str) -> None:
