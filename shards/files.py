@@ -1,0 +1,80 @@
+"""Find the files under a folder: the first step of the Data Block API.
+
+`get_files` walks with `os.scandir` (one `stat` per entry, not two), skips hidden
+files and folders, matches extensions case-insensitively, and remembers every real
+directory it has entered so a symlink loop cannot make it walk forever.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+# The built-in table only (`MimeTypes()` reads no system files), so the set is the same
+# on every machine; plus the names people actually give image files.
+_BUILTIN_TYPES = mimetypes.MimeTypes().types_map[True]
+image_extensions: frozenset[str] = frozenset(
+    {ext for ext, kind in _BUILTIN_TYPES.items() if kind.startswith("image/")}
+    | {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+)
+
+
+def normalise_extensions(extensions: Iterable[str] | None) -> frozenset[str] | None:
+    """`{"JPG", ".png"}` -> `{".jpg", ".png"}`; None means every file."""
+    if extensions is None:
+        return None
+    if isinstance(extensions, str):  # "jpg" would otherwise become {"j", "p", "g"}
+        extensions = [extensions]
+    return frozenset(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+
+
+def is_hidden(name: str) -> bool:
+    """Dot-names (`.DS_Store`, `.git`, `._photo.jpg`) are tool droppings, not data."""
+    return name.startswith(".")
+
+
+def get_files(
+    path: str | Path,
+    extensions: Iterable[str] | None = None,
+    recurse: bool = True,
+    include: Iterable[str] | None = None,
+) -> list[Path]:
+    """Every non-hidden file under `path` whose extension is in `extensions`, sorted.
+
+    `recurse=False` lists `path` itself only. `include` names the top-level folders to
+    descend into (files directly in `path` are still listed). Symlinked folders are
+    followed, but each real folder is entered once, so loops end. A symlink to a file
+    that no longer exists is still listed, so whoever reads it reports it rather than
+    it vanishing unnoticed. Paths are returned as `path / relative`, not resolved.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such file or folder")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: is a file, expected a folder of images")
+    wanted = normalise_extensions(extensions)
+    top_level = None if include is None else set(include)
+    visited: set[tuple[int, int]] = set()  # (device, inode) of each real folder entered
+    found: list[Path] = []
+    pending: list[tuple[Path, set[str] | None]] = [(root, top_level)]  # a stack, not recursion
+    while pending:
+        folder, only = pending.pop()
+        st = os.stat(folder)  # follows a symlink: the identity of the real folder
+        if (st.st_dev, st.st_ino) in visited:
+            continue
+        visited.add((st.st_dev, st.st_ino))
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if is_hidden(entry.name):
+                    continue
+                if entry.is_dir():  # follows symlinks
+                    if recurse and (only is None or entry.name in only):
+                        pending.append((Path(entry.path), None))  # include: top level only
+                    continue
+                dangling = entry.is_symlink() and not os.path.exists(entry.path)
+                ext = os.path.splitext(entry.name)[1].lower()
+                if (entry.is_file() or dangling) and (wanted is None or ext in wanted):
+                    found.append(Path(entry.path))
+    return sorted(found)
