@@ -1,5 +1,6 @@
 """The Data Block API and the Ray streaming loader."""
 
 from pipeline.batch import Batch
+from pipeline.items import ImageList, ItemList
 
-__all__ = ["Batch"]
+__all__ = ["Batch", "ImageList", "ItemList"]
