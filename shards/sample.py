@@ -186,8 +186,8 @@ def make_sample(
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted run
     counts: dict[str, dict[str, int]] = {}
-    for split_index, (split, n) in enumerate(zip(SPLIT_FOLDERS, (per_class, valid_per_class),
-                                                 strict=True)):  # fmt: skip
+    per_split = {"train": per_class, "val": valid_per_class}
+    for split_index, (split, n) in enumerate(per_split.items()):
         counts[split] = {}
         for class_index, name in enumerate(CLASSES):
             folder = tmp / split / name
