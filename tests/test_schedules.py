@@ -49,6 +49,10 @@ def test_exp_rejects_non_positive_and_positions_outside_unit_interval():
     for bad in (-0.01, 1.01, float("nan")):
         with pytest.raises(ValueError, match="position"):
             sched_lin(0.0, 1.0)(bad)
+    # float round-off just outside [0, 1] is clamped, not an error mid-training
+    assert sched_lin(0.0, 1.0)(1.0 + 1e-12) == 1.0
+    assert sched_lin(0.0, 1.0)(-1e-12) == 0.0
+    assert combine_scheds([0.5, 0.5], [sched_no(1), sched_no(2)])(1.0 + 1e-12) == 2.0
 
 
 def test_combine_at_boundaries_and_at_one():

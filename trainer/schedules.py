@@ -27,11 +27,14 @@ class Schedule(Protocol):
     def __call__(self, pos: float) -> float: ...
 
 
+_POS_SLACK = 1e-9  # positions computed as i / n may overshoot [0, 1] by round-off
+
+
 def _check_pos(pos: float) -> float:
     pos = float(pos)
-    if not 0.0 <= pos <= 1.0:  # also rejects NaN
+    if not -_POS_SLACK <= pos <= 1.0 + _POS_SLACK:  # also rejects NaN
         raise ValueError(f"schedule position must be in [0, 1], got {pos}")
-    return pos
+    return min(max(pos, 0.0), 1.0)
 
 
 @dataclass(frozen=True)
