@@ -1,0 +1,179 @@
+"""The epoch plan: which samples each rank and each actor streams, as pure functions.
+
+One epoch of a split is the concatenation of its shards in *epoch order* (sorted by
+name, or shuffled from `(seed, epoch)` when training). Every rank derives the same
+order, then:
+
+- rank `r` takes positions `[r * per_rank, (r + 1) * per_rank)` of that sequence, with
+  `per_rank = ceil(N / world_size)`; positions past `N` wrap to the start, so the short
+  ranks repeat a few samples (at most `world_size - 1`, like torch's
+  `DistributedSampler`). Every rank gets the same number of samples and so the same
+  number of batches (data-parallel training never hangs), and the union is the whole
+  split. With `drop_last=True`, `per_rank = N // world_size` instead (no repeats) and the
+  last partial batch is dropped.
+- the rank's batches are cut into `num_actors` contiguous runs, so only the last actor
+  can hold the one partial batch, and each actor reads a few whole shards (plus at most
+  two partial ones) rather than a slice of every shard.
+
+A `Segment` is a run of samples `[start, stop)` inside one shard; an actor streams its
+segments in order and skips nothing it does not have to read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard as `meta.json` lists it: file name and number of samples."""
+
+    name: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples `[start, stop)` of shard `shard` (indices count samples, not tar members)."""
+
+    shard: str
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class ActorTask:
+    """What one actor streams in one epoch: its segments, cut into `batch_sizes`."""
+
+    actor: int
+    segments: tuple[Segment, ...]
+    batch_sizes: tuple[int, ...]  # all `batch_size` but possibly the last
+    shuffle_seed: tuple[int, ...] | None  # entropy for the actor's shuffle buffer; None: in order
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.batch_sizes)
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batch_sizes)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One rank's epoch: a task per actor and the order their batches are handed out."""
+
+    tasks: tuple[ActorTask, ...]
+    num_batches: int
+    num_samples: int
+
+    def delivery_order(self) -> list[tuple[int, int]]:
+        """`(actor, batch index within that actor)` in the order the driver yields them.
+
+        Round robin over actors, so the order is fixed by the plan (not by which actor
+        happens to finish first) and every actor works ahead while others are consumed.
+        """
+        order = []
+        longest = max((t.num_batches for t in self.tasks), default=0)
+        for i in range(longest):
+            order += [(t.actor, i) for t in self.tasks if i < t.num_batches]
+        return order
+
+
+def shard_entries(split_meta: dict) -> list[ShardEntry]:
+    """The shards of one split from its `meta.json` entry, sorted by name."""
+    entries = [ShardEntry(s["name"], int(s["count"])) for s in split_meta["shards"]]
+    return sorted(entries, key=lambda e: e.name)
+
+
+def epoch_rng(seed: int, epoch: int, *more: int) -> np.random.Generator:
+    """A generator fixed by `(seed, epoch, *more)`: same inputs, same stream, on any machine."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, *more]))
+
+
+def shard_order(shards: Sequence[ShardEntry], *, shuffle: bool, seed: int, epoch: int
+                ) -> list[ShardEntry]:
+    """Shards in epoch order: by name, or permuted from `(seed, epoch)` (same on every rank)."""
+    ordered = sorted(shards, key=lambda e: e.name)
+    if not shuffle:
+        return ordered
+    perm = epoch_rng(seed, epoch, 0).permutation(len(ordered))
+    return [ordered[i] for i in perm]
+
+
+def samples_per_rank(total: int, world_size: int, drop_last: bool) -> int:
+    return total // world_size if drop_last else -(-total // world_size)
+
+
+def num_batches(samples: int, batch_size: int, drop_last: bool) -> int:
+    return samples // batch_size if drop_last else -(-samples // batch_size)
+
+
+def take_positions(ordered: Sequence[ShardEntry], lo: int, hi: int) -> list[Segment]:
+    """Segments covering positions `[lo, hi)` of the concatenated shards, wrapping past the end."""
+    total = sum(e.count for e in ordered)
+    if total == 0:
+        raise ValueError("no samples to plan: every shard is empty")
+    starts = np.cumsum([0] + [e.count for e in ordered])
+    segments: list[Segment] = []
+    pos = lo
+    while pos < hi:
+        q = pos % total
+        i = int(np.searchsorted(starts, q, side="right")) - 1  # shard holding position q
+        start = q - int(starts[i])
+        stop = min(ordered[i].count, start + (hi - pos))
+        segments.append(Segment(ordered[i].name, start, stop))
+        pos += stop - start
+    return _merge(segments)
+
+
+def slice_segments(segments: Sequence[Segment], lo: int, hi: int) -> list[Segment]:
+    """Samples `[lo, hi)` of the concatenation of `segments`."""
+    out, offset = [], 0
+    for seg in segments:
+        a, b = max(lo - offset, 0), min(hi - offset, len(seg))
+        if a < b:
+            out.append(Segment(seg.shard, seg.start + a, seg.start + b))
+        offset += len(seg)
+    return out
+
+
+def _merge(segments: list[Segment]) -> list[Segment]:
+    """Join neighbours that continue the same shard (a wrap can split one run in two)."""
+    out: list[Segment] = []
+    for seg in segments:
+        if out and out[-1].shard == seg.shard and out[-1].stop == seg.start:
+            out[-1] = Segment(seg.shard, out[-1].start, seg.stop)
+        else:
+            out.append(seg)
+    return out
+
+
+def plan_epoch(shards: Sequence[ShardEntry], *, batch_size: int, num_actors: int,
+               shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+               drop_last: bool = False) -> EpochPlan:
+    """Plan one rank's epoch: its part of the split, cut into batches, spread over actors."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if batch_size < 1 or num_actors < 1:
+        raise ValueError(f"batch_size ({batch_size}) and num_actors ({num_actors}) must be >= 1")
+    ordered = shard_order(shards, shuffle=shuffle, seed=seed, epoch=epoch)
+    total = sum(e.count for e in ordered)
+    per_rank = samples_per_rank(total, world_size, drop_last)
+    nb = num_batches(per_rank, batch_size, drop_last)
+    used = per_rank if not drop_last else nb * batch_size
+    mine = take_positions(ordered, rank * per_rank, rank * per_rank + used) if used else []
+    tasks = []
+    for a in range(num_actors):
+        b0, b1 = a * nb // num_actors, (a + 1) * nb // num_actors
+        lo, hi = b0 * batch_size, min(b1 * batch_size, used)
+        sizes = tuple(min(batch_size, hi - s) for s in range(lo, hi, batch_size))
+        seed_entropy = (seed, epoch, 1, rank, a) if shuffle else None
+        tasks.append(ActorTask(a, tuple(slice_segments(mine, lo, hi)), sizes, seed_entropy))
+    return EpochPlan(tuple(tasks), nb, used)

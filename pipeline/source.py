@@ -1,0 +1,170 @@
+"""Where shards live: `meta.json` and shard bytes from a folder or URL, streamed, never extracted.
+
+A `ShardSource` is a base location (a local folder, `file://`, `http(s)://`, `s3://` or
+anything else fsspec knows) plus fsspec `storage_options`. It is a small picklable value,
+so each Ray actor opens and reads its own shards; no shard bytes pass through the driver.
+
+Shards are read front to back with `tarfile` in stream mode (`r|`): nothing is written
+to disk, nothing is unpickled, and a segment that ends early stops the download there.
+Stream mode accepts a tar cut at a header as a short, valid archive, so every read is
+checked against the sample counts in `meta.json`; a short shard is a `ShardReadError`.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import fsspec
+
+from pipeline.plan import Segment
+from shards.format import LABEL_EXT, META_NAME, decode_label, validate_meta
+
+REMOTE_BLOCK = 4 << 20  # read-ahead per open shard on object stores: bounded, not a whole shard
+
+
+class ShardReadError(Exception):
+    """A shard that could not be read: missing, truncated, or holding a malformed sample."""
+
+    def __init__(self, shard: str, reason: str):
+        super().__init__(f"shard {shard}: {reason}")
+        self.shard, self.reason = shard, reason
+
+    def __reduce__(self):  # so the error crosses from a Ray actor intact
+        return (type(self), (self.shard, self.reason))
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """One sample as stored: encoded image bytes, their extension, the label index."""
+
+    key: str
+    ext: str
+    data: bytes
+    label: int
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """A shards folder or URL holding `meta.json`, plus fsspec options to reach it.
+
+    Object stores take their settings from `storage_options`, e.g. an S3-compatible
+    server: `{"endpoint_url": "http://127.0.0.1:9000", "key": ..., "secret": ...}`;
+    without them s3fs uses the usual AWS environment variables and config files.
+    """
+
+    url: str
+    storage_options: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, source: str | Path | ShardSource, storage_options: dict | None = None
+           ) -> ShardSource:
+        if isinstance(source, ShardSource):
+            return source
+        url = str(source)
+        if "://" not in url:
+            url = str(Path(url).expanduser().resolve())
+        return cls(url.rstrip("/"), dict(storage_options or {}))
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.url
+
+    def url_of(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def read_meta(self) -> dict:
+        """`meta.json`, validated; errors say which URL and what to do."""
+        where = self.url_of(META_NAME)
+        try:
+            with self.open(META_NAME) as f:
+                text = f.read().decode("utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{where}: not found; is {self.url} a folder made by `tench shard`?") from None
+        try:
+            meta = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e})") from e
+        return validate_meta(meta, where)
+
+    def open(self, name: str) -> BinaryIO:
+        """A sequential binary reader for one file under the source."""
+        if self.is_local:
+            return open(Path(self.url) / name, "rb", buffering=1 << 20)
+        fs, path = fsspec.core.url_to_fs(self.url_of(name), **self.storage_options)
+        # HTTP: a plain streamed GET (block_size=0) so servers without Range support work
+        # and nothing is buffered whole; object stores: a bounded read-ahead block.
+        block = 0 if fs.protocol[0] in ("http", "https") else REMOTE_BLOCK
+        return fs.open(path, "rb", block_size=block)
+
+
+def iter_samples(f: BinaryIO, shard: str) -> Iterator[RawSample]:
+    """Stream the samples of one open shard, grouping `<key>.<ext>` members by key.
+
+    Raises `ShardReadError` for a tar that cannot be parsed or a sample missing its
+    image or label; the caller checks the count against `meta.json`.
+    """
+    key, members = None, {}
+    try:
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue  # directories, links: never followed, never extracted
+                name = info.name.rsplit("/", 1)[-1]
+                k, dot, ext = name.partition(".")
+                if not dot:
+                    continue
+                if k != key:
+                    if key is not None:
+                        yield _sample(shard, key, members)
+                    key, members = k, {}
+                members[ext.lower()] = tar.extractfile(info).read()
+    except tarfile.TarError as e:
+        raise ShardReadError(shard, f"not a readable tar ({e}); re-run `tench shard`") from e
+    if key is not None:
+        yield _sample(shard, key, members)
+
+
+def _sample(shard: str, key: str, members: dict) -> RawSample:
+    if LABEL_EXT not in members:
+        raise ShardReadError(shard, f"sample {key} has no .{LABEL_EXT} label member")
+    images = [ext for ext in members if ext not in (LABEL_EXT, "json")]
+    if len(images) != 1:
+        raise ShardReadError(shard, f"sample {key} has image members {images}, expected one")
+    try:
+        label = decode_label(members[LABEL_EXT])
+    except ValueError as e:
+        raise ShardReadError(shard, f"sample {key} has a bad label ({e})") from e
+    return RawSample(key, images[0], members[images[0]], label)
+
+
+def read_segment(source: ShardSource, segment: Segment) -> Iterator[RawSample]:
+    """Samples `[start, stop)` of one shard; skipped samples are read past, not decoded.
+
+    Stops reading at `stop` (closing the download), and raises `ShardReadError` if the
+    shard ends before `stop` — a truncated shard never passes for a short one.
+    """
+    index = 0
+    try:
+        with source.open(segment.shard) as f:
+            for sample in iter_samples(f, segment.shard):
+                if index >= segment.start:
+                    yield sample
+                index += 1
+                if index >= segment.stop:
+                    return
+    except ShardReadError:
+        raise
+    except FileNotFoundError as e:
+        raise ShardReadError(segment.shard, f"not found under {source.url}") from e
+    except (OSError, EOFError) as e:
+        raise ShardReadError(segment.shard, f"read failed after {index} samples ({e})") from e
+    raise ShardReadError(
+        segment.shard,
+        f"ended after {index} samples but meta.json lists at least {segment.stop}; "
+        "the shard is truncated or was replaced, re-run `tench shard`")
