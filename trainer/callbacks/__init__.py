@@ -1,0 +1,41 @@
+"""Everything the Learner does besides looping: one small module per callback."""
+
+from trainer.callbacks.checkpoint import (
+    CHECKPOINT_VERSION,
+    CheckpointCallback,
+    CheckpointError,
+    checkpoint_state,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+)
+from trainer.callbacks.core import (
+    EVENTS,
+    Callback,
+    CallbackError,
+    CancelBatch,
+    CancelEpoch,
+    CancelException,
+    CancelFit,
+    CancelStep,
+    CancelTrain,
+    CancelValidate,
+)
+from trainer.callbacks.device import BatchTransform, DeviceCallback, NormalizeCallback
+from trainer.callbacks.guards import NonFiniteGuard, NonFiniteLossError
+from trainer.callbacks.lr_finder import LRFinder, LRFindResult, lr_find, valley
+from trainer.callbacks.precision import MixedPrecision
+from trainer.callbacks.progress import ProgressCallback
+from trainer.callbacks.recorder import Recorder, SmoothLoss
+from trainer.callbacks.schedule import ParamScheduler
+from trainer.callbacks.stats import AvgStatsCallback, MetricsLogger, accuracy
+
+__all__ = [
+    "CHECKPOINT_VERSION", "EVENTS", "AvgStatsCallback", "BatchTransform", "Callback",
+    "CallbackError", "CancelBatch", "CancelEpoch", "CancelException", "CancelFit",
+    "CancelStep", "CancelTrain", "CancelValidate", "CheckpointCallback", "CheckpointError",
+    "DeviceCallback", "LRFindResult", "LRFinder", "MetricsLogger", "MixedPrecision",
+    "NonFiniteGuard", "NonFiniteLossError", "NormalizeCallback", "ParamScheduler",
+    "ProgressCallback", "Recorder", "SmoothLoss", "accuracy", "checkpoint_state",
+    "load_checkpoint", "lr_find", "restore", "save_checkpoint", "valley",
+]

@@ -1,0 +1,116 @@
+"""Per-epoch loss and metrics (batch-size weighted), and the files they are logged to.
+
+`AvgStatsCallback` appends one dict per epoch to `learn.history`:
+`{"epoch", "train_loss", "train_<metric>"..., "valid_loss", "<metric>"..., "seconds"}`;
+`MetricsLogger` writes that list to `metrics.json` and `metrics.csv` after every epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from shards.atomic import atomic_write_text
+from trainer.callbacks.core import Callback
+
+Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Fraction of samples whose highest-scoring class is the target."""
+    return (pred.argmax(dim=1) == target).float().mean()
+
+
+class RunningAverage:
+    """Batch-size weighted sums of the loss and metrics, kept on the device.
+
+    Summing on the device avoids a GPU->CPU sync per batch; `averages()` syncs once.
+    """
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, values: list[torch.Tensor], batch_size: int) -> None:
+        batch = torch.stack([v.detach().float() for v in values])
+        if self.sums is None:
+            self.sums = batch * batch_size
+        else:
+            self.sums.add_(batch, alpha=batch_size)
+        self.count += batch_size
+
+    def averages(self) -> list[float] | None:
+        if self.sums is None or self.count == 0:
+            return None
+        return (self.sums / self.count).tolist()
+
+
+class AvgStatsCallback(Callback):
+    """Average loss and metrics over each training and validation pass."""
+
+    order = 40
+
+    def __init__(self, metrics: Mapping[str, Metric] | None = None):
+        self.metrics = dict({"accuracy": accuracy} if metrics is None else metrics)
+        self.train, self.valid = RunningAverage(), RunningAverage()
+        self.start = 0.0
+
+    def before_epoch(self, learn) -> None:
+        self.train, self.valid = RunningAverage(), RunningAverage()
+        self.start = time.perf_counter()
+
+    def after_loss(self, learn) -> None:
+        with torch.no_grad():
+            values = [learn.loss] + [m(learn.pred, learn.yb) for m in self.metrics.values()]
+        (self.train if learn.training else self.valid).add(values, learn.yb.shape[0])
+
+    def after_epoch(self, learn) -> None:
+        names = ["loss", *self.metrics]
+        row: dict = {"epoch": learn.epoch}
+        train, valid = self.train.averages(), self.valid.averages()
+        for i, name in enumerate(names):
+            row[f"train_{name}"] = None if train is None else train[i]
+        for i, name in enumerate(names):
+            row["valid_loss" if name == "loss" else name] = None if valid is None else valid[i]
+        row["seconds"] = round(time.perf_counter() - self.start, 3)
+        learn.history.append(row)
+
+
+def history_csv(history: list[dict]) -> str:
+    columns: list[str] = []
+    for row in history:
+        columns += [key for key in row if key not in columns]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return out.getvalue()
+
+
+class MetricsLogger(Callback):
+    """Rewrite `metrics.json` (a list, one object per epoch) and `metrics.csv` each epoch.
+
+    Both are written atomically, so a run killed mid-write leaves the previous epoch's
+    complete files. Reads `learn.history`, so it runs after `AvgStatsCallback`.
+    """
+
+    order = 65
+
+    def __init__(self, folder: str | Path, json_name: str = "metrics.json",
+                 csv_name: str | None = "metrics.csv"):
+        self.folder = Path(folder)
+        self.json_name, self.csv_name = json_name, csv_name
+
+    def before_fit(self, learn) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def after_epoch(self, learn) -> None:
+        atomic_write_text(self.folder / self.json_name, json.dumps(learn.history, indent=1))
+        if self.csv_name:
+            atomic_write_text(self.folder / self.csv_name, history_csv(learn.history))
