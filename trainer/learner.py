@@ -56,6 +56,11 @@ def trainable_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def stream_length(stream: Iterable) -> int | None:
+    """Batches per pass when the stream knows it (lists, ShardStream), else None."""
+    return len(stream) if hasattr(stream, "__len__") else None
+
+
 class Learner:
     """Model + data + loss + optimizer factory, driven by `fit` and extended by callbacks."""
 
@@ -169,6 +174,7 @@ class Learner:
         set_epoch = getattr(stream, "set_epoch", None)
         if set_epoch is not None:
             set_epoch(self.epoch)  # the stream's order depends only on (seed, epoch)
+        self.n_iter = stream_length(stream)
         try:
             self("before_train")
             self._all_batches(stream)
@@ -182,6 +188,7 @@ class Learner:
             return
         self.training = False
         self.model.eval()
+        self.n_iter = stream_length(self.data.valid)
         try:
             with torch.no_grad():
                 self("before_validate")
@@ -191,7 +198,6 @@ class Learner:
         self("after_validate")
 
     def _all_batches(self, stream: Iterable) -> None:
-        self.n_iter = len(stream) if hasattr(stream, "__len__") else None
         self.iter = 0
         for self.iter, batch in enumerate(stream):
             self._one_batch(batch)

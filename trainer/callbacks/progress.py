@@ -55,6 +55,7 @@ class ProgressCallback(Callback):
     def before_fit(self, learn) -> None:
         self.use_bars = sys.stdout.isatty() if self.bars is None else self.bars
         self.header_done = False
+        self.widths: list[int] = []
         self.smooth.reset()
         self.mbar = self.pbar = None
         if self.use_bars:
@@ -119,7 +120,9 @@ class ProgressCallback(Callback):
         if self.mbar is not None:
             self.mbar.write(cells, table=table)
         else:
-            self.write("  ".join(f"{c:>10}" for c in cells))
+            if not self.widths:  # the header fixes the column widths
+                self.widths = [max(len(c), 9) for c in cells]
+            self.write("  ".join(f"{c:>{w}}" for c, w in zip(cells, self.widths, strict=True)))
 
     def after_fit(self, learn) -> None:
         self._close_child()

@@ -65,7 +65,7 @@ class Recorder(Callback):
     With `plot_dir`, `loss.png` and `schedule.png` are written there after fit.
     """
 
-    order = 30
+    order = 50  # after AvgStatsCallback, whose history row it reads at the end of an epoch
 
     def __init__(self, plot_dir: str | Path | None = None,
                  hypers: Sequence[str] = ("lr", "mom", "momentum"), beta: float = 0.98):
