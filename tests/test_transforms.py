@@ -1,0 +1,405 @@
+"""Item transforms: the contract every one keeps, then what each one does."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.transforms import (
+    DIHEDRAL,
+    VALID_ZOOM,
+    CenterCrop,
+    Compose,
+    HorizontalFlip,
+    PerspectiveWarp,
+    RandomDihedral,
+    RandomResizedCrop,
+    ResizeShorter,
+    ToRGB,
+    compose,
+    dihedral,
+    perspective_coeffs,
+    random_resized_crop_box,
+    resize,
+    to_rgb,
+    train_tfms,
+    valid_tfms,
+    warp_perspective,
+)
+
+
+def photo(height: int, width: int, channels: int | None = 3, seed: int = 0) -> np.ndarray:
+    """Noise on a gradient: every pixel differs, so any crop, flip or warp shows."""
+    rng = np.random.default_rng(seed)
+    ramp = np.add.outer(np.arange(height) * 3, np.arange(width) * 2)
+    shape = (height, width) if channels is None else (height, width, channels)
+    noise = rng.integers(0, 64, shape)
+    grad = ramp if channels is None else ramp[:, :, None]
+    return ((grad + noise) % 256).astype(np.uint8)
+
+
+def readonly(image: np.ndarray) -> np.ndarray:
+    """A read-only copy, like an array handed out by Ray's object store."""
+    image = image.copy()
+    image.flags.writeable = False
+    return image
+
+
+H, W, SIZE = 40, 56, 16
+# (transform, possible output shapes for an H x W x 3 input, draws randomness?)
+CASES = [
+    (ToRGB(), [(H, W, 3)], False),
+    (ResizeShorter(24), [(24, round(W * 24 / H), 3)], False),
+    (CenterCrop(SIZE), [(SIZE, SIZE, 3)], False),
+    (RandomResizedCrop(SIZE), [(SIZE, SIZE, 3)], True),
+    (RandomResizedCrop(SIZE, scale=(0.35, 1)), [(SIZE, SIZE, 3)], True),
+    (PerspectiveWarp(0.2, p=1.0), [(H, W, 3)], True),
+    (PerspectiveWarp(), [(H, W, 3)], True),
+    (HorizontalFlip(), [(H, W, 3)], True),
+    (RandomDihedral(), [(H, W, 3), (W, H, 3)], True),
+    (train_tfms(SIZE), [(SIZE, SIZE, 3)], True),
+    (valid_tfms(SIZE), [(SIZE, SIZE, 3)], False),
+]
+IDS = [repr(case[0]).split("(")[0] + str(i) for i, case in enumerate(CASES)]
+
+
+@pytest.mark.parametrize("tfm, shapes, random_", CASES, ids=IDS)
+def test_uint8_exact_shape_contiguous(tfm, shapes, random_):
+    for seed in range(8):
+        out = tfm(photo(H, W), np.random.default_rng(seed))
+        assert out.dtype == np.uint8
+        assert out.shape in shapes
+        assert out.flags.c_contiguous
+
+
+@pytest.mark.parametrize("tfm, shapes, random_", CASES, ids=IDS)
+def test_read_only_input_is_accepted_and_left_unchanged(tfm, shapes, random_):
+    original = photo(H, W)
+    image = readonly(original)
+    for seed in range(8):
+        tfm(image, np.random.default_rng(seed))
+    assert np.array_equal(image, original)
+    assert not image.flags.writeable
+
+
+@pytest.mark.parametrize("tfm, shapes, random_", CASES, ids=IDS)
+def test_pickle_round_trip_gives_the_same_output(tfm, shapes, random_):
+    copy = pickle.loads(pickle.dumps(tfm))
+    image = photo(H, W)
+    for seed in range(4):
+        expected = tfm(image, np.random.default_rng(seed))
+        assert np.array_equal(copy(image, np.random.default_rng(seed)), expected)
+
+
+@pytest.mark.parametrize("tfm, shapes, random_", CASES, ids=IDS)
+def test_output_depends_only_on_the_rng_seed(tfm, shapes, random_):
+    image = photo(H, W)
+    outputs = [tfm(image, np.random.default_rng(seed)).tobytes() for seed in range(12)]
+    again = [tfm(image, np.random.default_rng(seed)).tobytes() for seed in range(12)]
+    assert outputs == again
+    distinct = len(set(outputs))
+    assert distinct > 1 if random_ else distinct == 1
+
+
+@pytest.mark.parametrize("tfm, shapes, random_", CASES, ids=IDS)
+def test_global_random_state_is_neither_used_nor_touched(tfm, shapes, random_):
+    np.random.seed(1), random.seed(1), torch.manual_seed(1)
+    before = (np.random.get_state()[1].copy(), random.getstate(), torch.get_rng_state())
+    image = photo(H, W)
+    first = tfm(image, np.random.default_rng(3))
+    np.random.seed(2), random.seed(2), torch.manual_seed(2)  # a different global state ...
+    assert np.array_equal(tfm(image, np.random.default_rng(3)), first)  # ... same output
+    np.random.seed(1), random.seed(1), torch.manual_seed(1)
+    tfm(image, np.random.default_rng(3))
+    after = (np.random.get_state()[1], random.getstate(), torch.get_rng_state())
+    assert np.array_equal(before[0], after[0]) and before[1] == after[1]
+    assert torch.equal(before[2], after[2])
+
+
+# ----------------------------------------------------------------------------- to_rgb
+def test_to_rgb_grey_repeats_the_channel():
+    grey = photo(5, 7, channels=None)
+    for image in (grey, grey[:, :, None]):
+        out = to_rgb(readonly(image))
+        assert out.shape == (5, 7, 3)
+        assert all(np.array_equal(out[:, :, c], grey) for c in range(3))
+
+
+def test_to_rgb_composites_alpha_on_white():
+    rgba = np.zeros((1, 3, 4), np.uint8)
+    rgba[0, :, :3] = (200, 10, 0)
+    rgba[0, :, 3] = (0, 255, 128)  # transparent, opaque, half
+    out = to_rgb(rgba)
+    assert out[0, 0].tolist() == [255, 255, 255]
+    assert out[0, 1].tolist() == [200, 10, 0]
+    expected = [round((v * 128 + 255 * 127) / 255) for v in (200, 10, 0)]
+    assert out[0, 2].tolist() == expected
+    grey_alpha = np.array([[[40, 0], [40, 255]]], np.uint8)
+    assert to_rgb(grey_alpha).tolist() == [[[255] * 3, [40] * 3]]
+
+
+def test_to_rgb_refuses_what_is_not_an_image():
+    with pytest.raises(ValueError, match="channels"):
+        to_rgb(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(TypeError, match="uint8"):
+        to_rgb(np.zeros((4, 4, 3), np.float32))
+
+
+# ----------------------------------------------------------------------------- resize
+@pytest.mark.parametrize(
+    "src, dst", [((40, 56), (16, 22)), ((17, 9), (40, 21)), ((64, 64), (7, 5))]
+)
+def test_resize_matches_pil_antialiased_bilinear(src, dst):
+    image = photo(*src)
+    expected = np.asarray(Image.fromarray(image).resize(dst[::-1], Image.Resampling.BILINEAR))
+    out = resize(readonly(image), *dst)
+    assert out.shape == (*dst, 3)
+    assert np.abs(out.astype(int) - expected).max() <= 2
+    grey = resize(image[:, :, 0], *dst)
+    assert grey.shape == dst and np.array_equal(grey, out[:, :, 0])
+
+
+@pytest.mark.parametrize(
+    "h, w, expected", [(40, 56, (24, 34)), (56, 40, (34, 24)), (10, 10, (24, 24))]
+)
+def test_resize_shorter_keeps_the_aspect_ratio(h, w, expected):
+    assert ResizeShorter(24)(photo(h, w), np.random.default_rng(0)).shape == (*expected, 3)
+
+
+def test_center_crop_is_the_centre_square():
+    image = photo(40, 56)
+    out = CenterCrop(16)(image, np.random.default_rng(0))
+    assert np.array_equal(out, image[12:28, 20:36])
+
+
+def test_center_crop_scales_up_a_small_image_instead_of_padding():
+    image = np.full((6, 20, 3), 200, np.uint8)
+    out = CenterCrop(16)(image, np.random.default_rng(0))
+    assert out.shape == (16, 16, 3) and (out == 200).all()
+
+
+# ----------------------------------------------------------------------------- random resized crop
+def test_random_resized_crop_is_one_resample_of_the_drawn_box():
+    image = photo(40, 56)
+    tfm = RandomResizedCrop(16, scale=(0.35, 1))
+    for seed in range(5):
+        top, left, h, w = random_resized_crop_box(
+            40, 56, tfm.scale, tfm.ratio, np.random.default_rng(seed)
+        )
+        expected = resize(image[top : top + h, left : left + w], 16, 16)
+        assert np.array_equal(tfm(image, np.random.default_rng(seed)), expected)
+
+
+SHAPES = [(1, 1), (1, 300), (300, 1), (3, 500), (7, 13), (64, 64), (2, 3)]
+SCALES = [(0.08, 1.0), (1.0, 1.0), (0.001, 0.001), (0.35, 1.0)]
+RATIOS = [(3 / 4, 4 / 3), (1.0, 1.0), (0.1, 0.1), (10.0, 10.0), (0.01, 100.0)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_random_resized_crop_never_fails_on_odd_images_and_extremes(shape):
+    image = photo(*shape)
+    for scale in SCALES:
+        for ratio in RATIOS:
+            tfm = RandomResizedCrop(8, scale=scale, ratio=ratio)
+            for seed in range(4):
+                top, left, h, w = random_resized_crop_box(
+                    *shape, scale, ratio, np.random.default_rng(seed)
+                )
+                assert top >= 0 and top + h <= shape[0] and h >= 1
+                assert left >= 0 and left + w <= shape[1] and w >= 1
+                assert tfm(image, np.random.default_rng(seed)).shape == (8, 8, 3)
+
+
+def test_fallback_is_the_centred_largest_region_within_the_ratio():
+    rng = np.random.default_rng(0)
+    # a 100x100 image cannot hold a full-area crop of aspect 2: every attempt fails
+    assert random_resized_crop_box(100, 100, (1, 1), (2, 2), rng) == (25, 0, 50, 100)
+    assert random_resized_crop_box(100, 100, (1, 1), (0.5, 0.5), rng) == (0, 25, 100, 50)
+    # a 1x300 strip: no crop of aspect 3/4..4/3 fits, fall back to the central 1x1
+    assert random_resized_crop_box(1, 300, (0.9, 1), (3 / 4, 4 / 3), rng) == (0, 149, 1, 1)
+    # aspect already inside the range: the whole image (attempts=0 goes straight to fallback)
+    assert random_resized_crop_box(30, 35, (0.5, 1), (1, 2), rng, attempts=0) == (0, 0, 30, 35)
+
+
+def test_retries_keep_drawing_the_area_from_the_whole_image():
+    """The course shrank the area on every retry; here each retry draws from the same area."""
+    areas = []
+    for seed in range(200):
+        # aspect ratios below 2 do not fit in height 100, so many first attempts fail
+        _, _, h, w = random_resized_crop_box(
+            100, 400, (0.5, 0.5), (0.25, 4), np.random.default_rng(seed)
+        )
+        areas.append(h * w)
+    areas = np.array(areas)
+    fallback = areas == 100 * 400
+    assert fallback.sum() < 20  # rare
+    assert np.all(np.abs(areas[~fallback] - 20_000) <= 0.02 * 20_000)
+
+
+def test_random_resized_crop_validates_its_arguments():
+    with pytest.raises(ValueError, match="scale"):
+        RandomResizedCrop(8, scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="ratio"):
+        RandomResizedCrop(8, ratio=(0, 1))
+    with pytest.raises(ValueError, match="size"):
+        RandomResizedCrop(0)
+
+
+# ----------------------------------------------------------------------------- flips
+def test_horizontal_flip_mirrors_with_probability_p():
+    image = photo(9, 13)
+    assert np.array_equal(
+        HorizontalFlip(p=1)(readonly(image), np.random.default_rng(0)), image[:, ::-1]
+    )
+    assert np.array_equal(HorizontalFlip(p=0)(image, np.random.default_rng(0)), image)
+    flips = [
+        not np.array_equal(HorizontalFlip()(image, np.random.default_rng(s)), image)
+        for s in range(200)
+    ]
+    assert 60 < sum(flips) < 140
+
+
+def test_dihedral_gives_the_eight_symmetries():
+    image = photo(9, 9)
+    oracle = {
+        np.ascontiguousarray(np.rot90(a, k)).tobytes()
+        for a in (image, image.swapaxes(0, 1))
+        for k in range(4)
+    }
+    outs = [dihedral(readonly(image), k) for k in range(8)]
+    assert len(DIHEDRAL) == 8 and {o.tobytes() for o in outs} == oracle
+    assert np.array_equal(outs[0], image)
+    assert dihedral(photo(9, 13), 1).shape == (13, 9, 3)
+    assert dihedral(photo(9, 13, channels=None), 1).shape == (13, 9)
+
+
+def test_random_dihedral_probability():
+    image = photo(9, 9)
+    assert all(
+        np.array_equal(RandomDihedral(p=0)(image, np.random.default_rng(s)), image)
+        for s in range(20)
+    )
+    outs = {RandomDihedral(p=1)(image, np.random.default_rng(s)).tobytes() for s in range(200)}
+    assert len(outs) == 8
+
+
+# ----------------------------------------------------------------------------- perspective
+def apply_projective(coeffs, x, y):
+    a, b, c, d, e, f, g, h = coeffs
+    den = g * x + h * y + 1
+    return (a * x + b * y + c) / den, (d * x + e * y + f) / den
+
+
+def test_perspective_coeffs_map_each_corner_onto_its_source():
+    rng = np.random.default_rng(0)
+    output = [(0, 0), (50, 0), (50, 30), (0, 30)]
+    for _ in range(20):
+        source = [(x + rng.uniform(-5, 5), y + rng.uniform(-5, 5)) for x, y in output]
+        coeffs = perspective_coeffs(output, source)
+        assert coeffs.shape == (8,)
+        for (x, y), (u, v) in zip(output, source, strict=True):
+            assert np.allclose(apply_projective(coeffs, x, y), (u, v), atol=1e-9)
+
+
+def test_perspective_coeffs_of_the_identity_and_of_a_pure_scale():
+    square = [(0, 0), (10, 0), (10, 10), (0, 10)]
+    assert np.allclose(perspective_coeffs(square, square), [1, 0, 0, 0, 1, 0, 0, 0])
+    doubled = [(2 * x, 2 * y) for x, y in square]
+    assert np.allclose(perspective_coeffs(square, doubled), [2, 0, 0, 0, 2, 0, 0, 0])
+
+
+def test_warp_of_an_axis_aligned_box_equals_pil_extent_crop():
+    image = photo(30, 40)
+    box = (4, 3, 36, 27)
+    corners = [(box[0], box[1]), (box[2], box[1]), (box[2], box[3]), (box[0], box[3])]
+    expected = np.asarray(
+        Image.fromarray(image).transform(
+            (40, 30), Image.Transform.EXTENT, box, Image.Resampling.BILINEAR
+        )
+    )
+    assert np.abs(warp_perspective(readonly(image), corners).astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("shape", [(30, 50, 3), (7, 5, 3), (2, 2, 3), (64, 64, 1), (9, 1, 3)])
+def test_perspective_warp_never_pads_with_black(shape):
+    white = np.full(shape, 255, np.uint8)
+    for seed in range(100):
+        out = PerspectiveWarp(0.25, p=1)(white, np.random.default_rng(seed))
+        assert out.shape == shape and (out == 255).all()
+
+
+def test_perspective_warp_changes_the_image_and_validates_magnitude():
+    image = photo(30, 40)
+    assert not np.array_equal(PerspectiveWarp(0.2, p=1)(image, np.random.default_rng(0)), image)
+    assert np.array_equal(PerspectiveWarp(0.2, p=0)(image, np.random.default_rng(0)), image)
+    with pytest.raises(ValueError, match="magnitude"):
+        PerspectiveWarp(0.4)
+
+
+# ----------------------------------------------------------------------------- compose
+class SetCorner:
+    """Writes `value` into pixel (0, 0) of a copy: the last one applied wins."""
+
+    def __init__(self, order: int, value: int):
+        self.order, self.value = order, value
+
+    def __call__(self, image, rng):
+        out = image.copy()
+        out[0, 0] = self.value
+        return out
+
+
+def test_compose_sorts_by_order_and_keeps_ties_in_the_given_order():
+    tfms = [SetCorner(5, 1), SetCorner(1, 2), SetCorner(5, 3)]
+    out = compose(tfms)(photo(4, 4), np.random.default_rng(0))
+    assert out[0, 0].tolist() == [3, 3, 3]
+    assert [t.value for t in compose(tfms).tfms] == [2, 1, 3]
+    swapped = compose([SetCorner(5, 3), SetCorner(1, 2), SetCorner(5, 1)])
+    assert swapped(photo(4, 4), np.random.default_rng(0))[0, 0].tolist() == [1, 1, 1]
+
+
+def test_compose_refuses_a_transform_without_order_and_names_a_bad_output():
+    with pytest.raises(TypeError, match="order"):
+        compose([lambda image, rng: image])
+
+    class ToFloat:
+        order = 50
+
+        def __call__(self, image, rng):
+            return image.astype(np.float32)
+
+    with pytest.raises(TypeError, match="ToFloat"):
+        compose([ToFloat()])(photo(4, 4), np.random.default_rng(0))
+
+
+def test_default_pipelines_on_any_input_give_size_square_rgb():
+    inputs = [
+        photo(40, 56),
+        photo(56, 40, channels=None),
+        photo(5, 5, channels=4),
+        photo(1, 30),
+        photo(300, 200),
+    ]
+    for tfms in (train_tfms(16), valid_tfms(16)):
+        assert isinstance(tfms, Compose)
+        for image in inputs:
+            out = tfms(readonly(image), np.random.default_rng(0))
+            assert out.shape == (16, 16, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+
+
+def test_default_pipelines_say_what_the_decoder_must_deliver():
+    assert train_tfms(128).decode_size == 128
+    assert valid_tfms(128).decode_size == round(128 * VALID_ZOOM) == 146
+
+
+def test_valid_pipeline_is_resize_then_centre_crop():
+    image = photo(73, 91)
+    resized = ResizeShorter(18)(image, None)
+    assert np.array_equal(
+        valid_tfms(16)(image, np.random.default_rng(0)), CenterCrop(16)(resized, None)
+    )
