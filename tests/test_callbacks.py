@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.tiny_training import MEAN, STD, make_batches, sgd, tiny_cnn
+from tests.tiny_training import (
+    MEAN,
+    STD,
+    make_batches,
+    one_torch_thread,  # noqa: F401 (fixture)
+    sgd,
+    tiny_cnn,
+)
 from trainer.callbacks import (
     AvgStatsCallback,
     Callback,
@@ -24,6 +31,8 @@ from trainer.callbacks import (
 )
 from trainer.learner import DataPair, Learner
 from trainer.schedules import one_cycle, sched_cos, sched_lin
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def probe(event, fn, order=90):

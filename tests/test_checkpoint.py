@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from shards.vocab import Vocab
-from tests.tiny_training import MEAN, STD, make_batches, sgd, state_equal, tiny_cnn
+from tests.tiny_training import (
+    MEAN,
+    STD,
+    make_batches,
+    one_torch_thread,  # noqa: F401 (fixture)
+    sgd,
+    state_equal,
+    tiny_cnn,
+)
 from trainer.callbacks import (
     AvgStatsCallback,
     Callback,
@@ -29,6 +37,8 @@ from trainer.callbacks import (
 from trainer.callbacks.checkpoint import CHECKPOINT_VERSION
 from trainer.learner import DataPair, Learner
 from trainer.schedules import combine_scheds, one_cycle, sched_no
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VOCAB = Vocab(["cat", "dog", "tench"])
 CONFIG = {"arch": "tiny", "lr": 0.2, "epochs": 4}

@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.tiny_training import MEAN, STD, make_batches, sgd, state_equal, tiny_cnn
+from tests.tiny_training import (
+    MEAN,
+    STD,
+    make_batches,
+    one_torch_thread,  # noqa: F401 (fixture)
+    sgd,
+    state_equal,
+    tiny_cnn,
+)
 from trainer.callbacks import (
     EVENTS,
     AvgStatsCallback,
@@ -22,6 +30,8 @@ from trainer.callbacks import (
     NormalizeCallback,
 )
 from trainer.learner import DataPair, Learner
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class EventLog(Callback):

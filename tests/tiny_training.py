@@ -3,6 +3,7 @@ real models, real gradient steps)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -52,3 +53,13 @@ def sgd(params, lr):
 def state_equal(a: dict, b: dict) -> bool:
     """Bit-identical state dicts (same keys, exactly equal tensors)."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread; with several, every op pays an OpenMP
+    hand-off that dominates (and crawls when other test processes share the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -98,4 +98,3 @@ class MixedPrecision(Callback):
 
     def after_fit(self, learn) -> None:
         self._leave_autocast()
-        self.active = False
