@@ -24,6 +24,7 @@ from trainer.callbacks.core import (
 from trainer.callbacks.device import BatchTransform, DeviceCallback, NormalizeCallback
 from trainer.callbacks.guards import NonFiniteGuard, NonFiniteLossError
 from trainer.callbacks.lr_finder import LRFinder, LRFindResult, lr_find, valley
+from trainer.callbacks.mixup import MixUp
 from trainer.callbacks.precision import MixedPrecision
 from trainer.callbacks.progress import ProgressCallback
 from trainer.callbacks.recorder import Recorder, SmoothLoss
@@ -34,7 +35,7 @@ __all__ = [
     "CHECKPOINT_VERSION", "EVENTS", "AvgStatsCallback", "BatchTransform", "Callback",
     "CallbackError", "CancelBatch", "CancelEpoch", "CancelException", "CancelFit",
     "CancelStep", "CancelTrain", "CancelValidate", "CheckpointCallback", "CheckpointError",
-    "DeviceCallback", "LRFindResult", "LRFinder", "MetricsLogger", "MixedPrecision",
+    "DeviceCallback", "LRFindResult", "LRFinder", "MetricsLogger", "MixUp", "MixedPrecision",
     "NonFiniteGuard", "NonFiniteLossError", "NormalizeCallback", "ParamScheduler",
     "ProgressCallback", "Recorder", "SmoothLoss", "accuracy", "checkpoint_state",
     "load_checkpoint", "lr_find", "restore", "save_checkpoint", "valley",
