@@ -96,7 +96,9 @@ def _check_known(names: Iterable[str], users: dict[str, str], where: str) -> Non
     """Fail loudly on a hyper-parameter that no stat or stepper reads (e.g. 'mom_sqr')."""
     for name in names:
         if name not in users:
-            close = difflib.get_close_matches(name, users, n=1)
+            swapped = [known for known in users
+                       if sorted(known.split("_")) == sorted(name.split("_"))]
+            close = swapped or difflib.get_close_matches(name, users, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ValueError(f"unknown hyper-parameter '{name}' in {where}{hint} "
                              f"(known: {', '.join(sorted(users))})")

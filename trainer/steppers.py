@@ -105,7 +105,7 @@ class L2Penalty:
         return {}
 
     def update(self, params: list[Tensor], grads: list[Tensor], *,
-               wd: float) -> list[Tensor] | None:
+               wd: float = 0.0) -> list[Tensor] | None:
         if wd == 0:
             return None
         return torch._foreach_add(grads, params, alpha=wd)  # new tensors: p.grad stays as is
@@ -179,7 +179,7 @@ def momentum_step(params: list[Tensor], grads: list[Tensor], *, lr: float,
 
 
 def decoupled_weight_decay(params: list[Tensor], grads: list[Tensor], *, lr: float,
-                           wd: float) -> None:
+                           wd: float = 0.0) -> None:
     """p ← p·(1 − lr·wd), listed before the update stepper (AdamW's decoupled weight decay)."""
     if wd != 0:
         torch._foreach_mul_(params, 1 - lr * wd)
