@@ -25,10 +25,11 @@ class NonFiniteGuard(Callback):
 
     def after_loss(self, learn) -> None:
         loss = learn.loss.detach()
-        if not math.isfinite(loss.float().sum().item()):
+        value = loss.item() if loss.numel() == 1 else loss.float().sum().item()
+        if not math.isfinite(value):
             stage = "training" if learn.training else "validation"
             raise NonFiniteLossError(
-                f"loss is {loss.float().sum().item()} at epoch {learn.epoch}, batch {learn.iter} "
+                f"loss is {value} at epoch {learn.epoch}, batch {learn.iter} "
                 f"({stage}); stopping the run. Checkpoints from earlier epochs are kept; "
                 "try a lower learning rate (or --lr-find)"
             )
