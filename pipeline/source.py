@@ -42,6 +42,7 @@ class ShardReadError(Exception):
 class RawSample:
     """One sample as stored: encoded image bytes, their extension, the label index."""
 
+    shard: str
     key: str
     ext: str
     data: bytes
@@ -140,7 +141,7 @@ def _sample(shard: str, key: str, members: dict) -> RawSample:
         label = decode_label(members[LABEL_EXT])
     except ValueError as e:
         raise ShardReadError(shard, f"sample {key} has a bad label ({e})") from e
-    return RawSample(key, images[0], members[images[0]], label)
+    return RawSample(shard, key, images[0], members[images[0]], label)
 
 
 def read_segment(source: ShardSource, segment: Segment) -> Iterator[RawSample]:

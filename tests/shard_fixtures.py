@@ -63,7 +63,8 @@ def make_shards(folder: str | Path, counts: dict | None = None, *, image_size=(4
     counts = counts or {"train": 50, "valid": 20}
     rng = np.random.default_rng(seed)
     vocab = Vocab(CLASSES)
-    splits, labels, pixels = {}, {}, []
+    splits, labels = {}, {}
+    pixel_sum, pixel_sq, pixel_count = np.zeros(3), np.zeros(3), 0
     for split, n in counts.items():
         images = []
         for i in range(n):
@@ -73,7 +74,10 @@ def make_shards(folder: str | Path, counts: dict | None = None, *, image_size=(4
             rel = f"{split}/{label}/{i:05d}.{ext}"
             images.append((sample_key(rel), ext, encode(img, fmt), vocab.encode(label), rel))
             if split == "train":
-                pixels.append(img.reshape(-1, 3))
+                flat = img.reshape(-1, 3) / 255.0
+                pixel_sum += flat.sum(0)
+                pixel_sq += (flat**2).sum(0)
+                pixel_count += len(flat)
         # cap by bytes so every shard holds about `samples_per_shard` samples
         biggest = max((len(data) for _, _, data, _, _ in images), default=0)
         max_bytes = samples_per_shard * (biggest + 3 * 512 + 3 * 512)
@@ -83,12 +87,13 @@ def make_shards(folder: str | Path, counts: dict | None = None, *, image_size=(4
         shards = [s.to_json() for s in writer.shards]
         splits[split] = {"count": n, "shards": shards}
         labels[split] = {key: index for key, _, _, index, _ in images}
-    all_pixels = np.concatenate(pixels) / 255.0 if pixels else np.zeros((1, 3))
+    mean = pixel_sum / max(pixel_count, 1)
+    std = np.sqrt(np.maximum(pixel_sq / max(pixel_count, 1) - mean**2, 0))
     meta = {
         "format_version": FORMAT_VERSION,
         **vocab.to_json(),
         "splits": splits,
-        "stats": {"mean": all_pixels.mean(0).tolist(), "std": all_pixels.std(0).tolist()},
+        "stats": {"mean": mean.tolist(), "std": std.tolist()},
         "skipped": [],
     }
     (folder / META_NAME).write_text(json.dumps(meta, indent=1), encoding="utf-8")
