@@ -20,6 +20,7 @@ from torch import nn
 
 from trainer.optim import (
     Optimizer,
+    _chunks,
     adam,
     lamb,
     lars,
@@ -192,6 +193,32 @@ def test_skipped_parameters_match_torch_per_parameter_step_counts() -> None:
     assert_matches(ours, theirs, "param")
     assert opt.state[ours[0]]["step"] == STEPS - 50
     assert opt.state[ours[2]]["step"] == STEPS
+
+
+@pytest.mark.parametrize("make", [lambda p: sgd(p, 0.05, mom=0.9, wd=0.01),
+                                  lambda p: adam(p, 3e-3, wd=0.01, decouple_wd=False),
+                                  lambda p: lamb(p, 3e-3, wd=0.01), lambda p: lars(p, 0.1),
+                                  lambda p: ranger(p, 3e-3, k=3)],
+                         ids=["sgd", "adam-l2", "lamb", "lars", "ranger"])
+def test_cpu_chunks_step_exactly_like_the_whole_group(make) -> None:
+    """On a CPU a group is stepped in cache-sized chunks of tensors; the numbers must not change,
+    also when parameters have different step counts."""
+
+    def in_small_chunks(params):
+        opt = make(params)
+        opt.cpu_chunk_numel = 100
+        return opt
+
+    def freeze_first_conv(i: int, params: list[torch.Tensor]) -> None:
+        if i < 4:
+            params[0].grad = params[1].grad = None
+
+    chunked, whole, start, opt, _ = teacher_forced(in_small_chunks, make, steps=20,
+                                                   before_step=freeze_first_conv)
+    assert len(_chunks(chunked, opt.cpu_chunk_numel)) >= 4
+    assert len(_chunks(whole, make(whole).cpu_chunk_numel)) == 1
+    for a, b in zip(chunked, whole, strict=True):
+        assert torch.equal(a, b)
 
 
 # --------------------------------------------------------------------------- paper transcriptions

@@ -141,6 +141,28 @@ def spread(name: str, value: Any, n_groups: int) -> list[Any]:
     return [value] * n_groups
 
 
+def _chunks(params: list[Tensor], cpu_chunk_numel: int) -> list[tuple[int, int]]:
+    """Index ranges of consecutive parameters to step one range after the other.
+
+    On a GPU the whole group is one range: each foreach call is a few kernel launches. On a CPU a
+    foreach call is a loop over the tensors, and sweeping all of ResNet-50's 100 MB of weights
+    (and as much again for each gradient and state) once per operation runs from main memory;
+    ranges of about cpu_chunk_numel elements keep their data in cache across a step's operations
+    (this halves an AdamW step on ResNet-50).
+    """
+    if params[0].device.type != "cpu":
+        return [(0, len(params))]
+    ranges, start, total = [], 0, 0
+    for i, p in enumerate(params):
+        total += p.numel()
+        if total >= cpu_chunk_numel:
+            ranges.append((start, i + 1))
+            start, total = i + 1, 0
+    if start < len(params):
+        ranges.append((start, len(params)))
+    return ranges
+
+
 class Optimizer(torch.optim.Optimizer):
     """Stats update per-parameter state from the gradient, then steppers move the parameters.
 
@@ -148,7 +170,12 @@ class Optimizer(torch.optim.Optimizer):
     and of the stats' ``update`` must be a hyper-parameter (given here, in a group dict, or as a
     keyword default in the signature) or state kept by a stat; anything else fails here.
     A hyper-parameter given as ``slice(lo, hi)`` or a list is spread over the param groups.
+
+    Stats and steppers must treat the entries of their lists independently: on a CPU a group is
+    handed to them in several chunks (see `_chunks`).
     """
+
+    cpu_chunk_numel = 1 << 16  # elements per chunk on a CPU; measured in bench/optim_bench.py
 
     def __init__(self, params: Params, steppers: Stepper | Sequence[Stepper],
                  stats: Sequence[Stat] = (), **hypers: Any) -> None:
@@ -207,13 +234,19 @@ class Optimizer(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        grads = [p.grad for p in params]
         states = [self.state[p] for p in params]
         if self._state_names and not all(states):
             for p, state in zip(params, states, strict=True):
                 if not state:
                     for stat in self.stats:
                         state.update(stat.init_state(p))
+        for start, stop in _chunks(params, self.cpu_chunk_numel):
+            self._step_chunk(group, params[start:stop], states[start:stop])
+
+    def _step_chunk(self, group: dict[str, Any], params: list[Tensor],
+                    states: list[dict[str, Any]]) -> None:
+        """Run every stat, then every stepper, on one list of parameters."""
+        grads = [p.grad for p in params]
         lists = {name: [state[name] for state in states] for name in self._state_names}
         for stage in self._stages:
             kwargs = {name: group[name] for name in stage.hypers}

@@ -13,6 +13,9 @@ every name when it is built, so a misspelt hyper-parameter fails at once instead
   parameter moves; a stat may return a replacement gradient list, which is how L2 regularisation
   reaches the momentum and Adam statistics.
 - A *stepper* is a plain function ``f(params, grads, *, ...) -> None`` that moves the parameters.
+
+Both must treat the entries of their lists independently: on a CPU the Optimizer hands a group
+over in cache-sized chunks.
 """
 
 from __future__ import annotations
@@ -242,19 +245,18 @@ def lamb_step(params: list[Tensor], grads: list[Tensor], *, lr: float, mom: floa
     """LAMB (You et al. 2019, Algorithm 2): r = m̂/(√v̂ + eps), u = r + wd·p,
     p ← p − lr·q·u with the layer trust ratio q = ‖p‖/‖u‖, 1 when either norm is 0, at most 10."""
     for n, p, m, v in by_step(step, params, grad_avg, sqr_avg):
-        update = torch._foreach_div(m, 1 - mom**n)
-        denom = torch._foreach_div(v, 1 - sqr_mom**n)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_div_(update, denom)
-        if wd != 0:
-            torch._foreach_add_(update, p, alpha=wd)
+        # m̂/(√v̂ + eps) = m·c / (√v + eps·√bc2) with c = √bc2/bc1: one pass fewer than
+        # dividing v by bc2 first
+        bc1, bc2_sqrt = 1 - mom**n, (1 - sqr_mom**n) ** 0.5
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_add_(denom, eps * bc2_sqrt)
+        update = torch._foreach_mul(p, wd)  # u = wd·p + m̂/(√v̂ + eps)
+        torch._foreach_addcdiv_(update, m, denom, bc2_sqrt / bc1)
         p_norm = torch.stack(torch._foreach_norm(p))
         u_norm = torch.stack(torch._foreach_norm(update))
         trust = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, 1.0)
         trust = trust.clamp_(max=LAMB_MAX_TRUST).mul_(-lr)
-        torch._foreach_mul_(update, list(trust.unbind()))
-        torch._foreach_add_(p, update)
+        torch._foreach_addcmul_(p, update, list(trust.unbind()))
 
 
 def lookahead_step(params: list[Tensor], grads: list[Tensor], *, k: int, alpha: float,
