@@ -2,5 +2,6 @@
 
 from pipeline.batch import Batch
 from pipeline.items import ImageList, ItemList
+from pipeline.stream import ShardStream
 
-__all__ = ["Batch", "ImageList", "ItemList"]
+__all__ = ["Batch", "ImageList", "ItemList", "ShardStream"]

@@ -1,0 +1,189 @@
+"""One stream actor: read its shards, shuffle the encoded records, decode + transform, batch.
+
+`ShardReader` is a plain class; `pipeline.stream` runs it as a Ray actor and the tests
+also call it directly. The driver hands it an `ActorTask` per epoch (`start`) and then
+asks for batches one call at a time (`next_batch`), keeping a few calls in flight.
+
+Reproducible: the record order comes from the task (its segments and shuffle seed) and
+every item's random transform draws from a generator seeded by `(seed, epoch, key)`, so
+an epoch is the same on every run, whatever the timing; and a restarted actor can
+replay its task, skipping the batches already delivered without decoding them.
+
+Shuffling works on encoded records (the bytes as stored, 5-50 KB each), not decoded
+images, so the buffer costs a few MB, and decoding happens once, just before batching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+
+import numpy as np
+
+from pipeline.decode import DecodeError, decode_image
+from pipeline.plan import ActorTask, Segment
+from pipeline.source import RawSample, ShardReadError, ShardSource, read_segment
+
+ON_ERROR = ("fail", "skip")
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Samples left out under `on_error="skip"`: where, how many, and why."""
+
+    shard: str
+    where: str  # a sample key, or a range of sample indices in the shard
+    count: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"shard {self.shard}, {self.where}: skipped {self.count} ({self.reason})"
+
+
+@dataclass
+class BatchData:
+    """A batch as it crosses the object store; numpy, so it arrives without a copy."""
+
+    images: np.ndarray  # (B, H, W, 3) uint8, read-only on the driver
+    labels: np.ndarray  # (B,) int64
+    keys: list
+    skips: list = field(default_factory=list)  # Skips found while making this batch
+    padded: int = 0  # slots refilled with a repeat of a good item (skip mode only)
+
+
+class StaleRequest(RuntimeError):
+    """A `next_batch` meant for an earlier `start` (left over from a restart or early stop)."""
+
+
+def item_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """Randomness for one item, fixed by `(seed, epoch, key)`, independent of actor and timing."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return np.random.default_rng([seed, epoch, int.from_bytes(digest, "little")])
+
+
+def shuffled(items: Iterable, buffer_size: int, rng: np.random.Generator | None) -> Iterator:
+    """A bounded shuffle: keep `buffer_size` items, emit a random one as each new one arrives."""
+    if rng is None or buffer_size <= 1:
+        yield from items
+        return
+    buffer = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        i = int(rng.integers(buffer_size))
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class ShardReader:
+    """Streams one actor's share of each epoch as uint8 batches of `size` x `size` images."""
+
+    def __init__(self, source: ShardSource, item_tfm: Callable, size: int,
+                 on_error: str = "fail", shuffle_buffer: int = 1000):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.source, self.item_tfm, self.size = source, item_tfm, size
+        self.on_error, self.shuffle_buffer = on_error, shuffle_buffer
+        self.decode_size = getattr(item_tfm, "decode_size", None)
+        self._token = None
+        self._batches: Iterator[BatchData] = iter(())
+        self._skips: list[Skip] = []
+        self._last_good = None  # (image, label, key) to refill a batch with nothing readable
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def start(self, task: ActorTask, seed: int, epoch: int, token: str,
+              skip_batches: int = 0) -> int:
+        """Begin (or, after a restart, resume) a task; `next_batch(token)` then walks it."""
+        self._token, self._skips, self._last_good = token, [], None
+        self._batches = self._iter_batches(task, seed, epoch, skip_batches)
+        return os.getpid()
+
+    def next_batch(self, token: str) -> BatchData:
+        if token != self._token:
+            raise StaleRequest(f"batch request for task {token}, running {self._token}")
+        return next(self._batches)
+
+    # ------------------------------------------------------------------ the pipeline
+    def _iter_batches(self, task: ActorTask, seed: int, epoch: int, skip_batches: int
+                      ) -> Iterator[BatchData]:
+        rng = np.random.default_rng(list(task.shuffle_seed)) if task.shuffle_seed else None
+        records = shuffled(self._records(task.segments), self.shuffle_buffer, rng)
+        for b, n in enumerate(task.batch_sizes):
+            chunk = list(islice(records, n))  # may be short when a shard was skipped
+            if b >= skip_batches:  # batches below were delivered before a restart
+                yield self._assemble(chunk, n, seed, epoch)
+
+    def _records(self, segments: Iterable[Segment]) -> Iterator[RawSample]:
+        for seg in segments:
+            done = 0
+            try:
+                for sample in read_segment(self.source, seg):
+                    done += 1
+                    yield sample
+            except ShardReadError as e:
+                if self.on_error == "fail":
+                    raise
+                where = f"samples {seg.start + done}-{seg.stop - 1}"
+                self._skips.append(Skip(seg.shard, where, len(seg) - done, e.reason))
+
+    def _assemble(self, chunk: list[RawSample], n: int, seed: int, epoch: int) -> BatchData:
+        images = np.empty((n, self.size, self.size, 3), np.uint8)  # (B, H, W, C)
+        labels = np.empty(n, np.int64)
+        keys: list = [None] * n
+        for i, sample in enumerate(chunk):
+            try:
+                images[i] = self._load(sample, seed, epoch)
+            except DecodeError as e:
+                if self.on_error == "fail":
+                    raise ShardReadError(sample.shard, f"sample {sample.key}.{sample.ext}: {e}"
+                                         ) from e
+                self._skips.append(Skip(sample.shard, f"sample {sample.key}", 1, str(e)))
+                continue
+            labels[i], keys[i] = sample.label, sample.key
+        padded = self._refill(images, labels, keys, chunk)
+        skips, self._skips = self._skips, []
+        return BatchData(images, labels, keys, skips, padded)
+
+    def _load(self, sample: RawSample, seed: int, epoch: int) -> np.ndarray:
+        where = f"{self.source.url_of(sample.shard)}:{sample.key}.{sample.ext}"
+        image = decode_image(sample.data, sample.ext, self.decode_size, source=where)
+        out = self.item_tfm(image, item_rng(seed, epoch, sample.key))
+        if out.shape != (self.size, self.size, 3) or out.dtype != np.uint8:
+            raise ValueError(
+                f"item transforms gave {out.dtype} {out.shape} for {where}, the stream needs "
+                f"uint8 ({self.size}, {self.size}, 3): end item_tfms with a crop to size")
+        return out
+
+    def _refill(self, images: np.ndarray, labels: np.ndarray, keys: list,
+                chunk: list[RawSample]) -> int:
+        """Keep the planned batch size after skips by repeating good items (counted).
+
+        Equal batch counts on every rank matter more than a few repeats: a short or empty
+        batch would hang data-parallel training or break batch norm.
+        """
+        good = [i for i, k in enumerate(keys) if k is not None]
+        holes = [i for i, k in enumerate(keys) if k is None]
+        if good:
+            last = good[-1]
+            self._last_good = (images[last].copy(), labels[last], keys[last])
+        if not holes:
+            return 0
+        if good:
+            fillers = [(images[i], labels[i], keys[i]) for i in good]
+        elif self._last_good is not None:
+            fillers = [self._last_good]
+        else:
+            shards = sorted({s.shard for s in chunk} | {s.shard for s in self._skips})
+            raise ShardReadError(", ".join(shards) or "?",
+                                 "nothing readable to fill a batch with; check these shards")
+        for j, i in enumerate(holes):
+            images[i], labels[i], keys[i] = fillers[j % len(fillers)]
+        return len(holes)
