@@ -154,12 +154,12 @@ def _chunks(params: list[Tensor], cpu_chunk_numel: int) -> list[tuple[int, int]]
         return [(0, len(params))]
     ranges, start, total = [], 0, 0
     for i, p in enumerate(params):
-        total += p.numel()
-        if total >= cpu_chunk_numel:
-            ranges.append((start, i + 1))
-            start, total = i + 1, 0
-    if start < len(params):
-        ranges.append((start, len(params)))
+        n = p.numel()
+        if total and total + n > cpu_chunk_numel:  # a big tensor gets a range of its own
+            ranges.append((start, i))
+            start, total = i, 0
+        total += n
+    ranges.append((start, len(params)))
     return ranges
 
 
@@ -175,7 +175,7 @@ class Optimizer(torch.optim.Optimizer):
     handed to them in several chunks (see `_chunks`).
     """
 
-    cpu_chunk_numel = 1 << 16  # elements per chunk on a CPU; measured in bench/optim_bench.py
+    cpu_chunk_numel = 1 << 19  # elements per chunk on a CPU; measured in bench/optim_bench.py
 
     def __init__(self, params: Params, steppers: Stepper | Sequence[Stepper],
                  stats: Sequence[Stat] = (), **hypers: Any) -> None:
