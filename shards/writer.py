@@ -60,11 +60,14 @@ class ShardWriter:
     """Write samples of one split into `folder/<split>-NNNNNN.tar`, `max_bytes` per shard.
 
     Use as a context manager; `shards` lists the finished `ShardInfo`s. A sample larger
-    than `max_bytes` gets a shard of its own rather than being refused.
+    than `max_bytes` gets a shard of its own rather than being refused. `max_count`, when
+    given, also caps the samples per shard.
     """
 
-    def __init__(self, folder: str | Path, split: str, max_bytes: int, start_index: int = 0):
+    def __init__(self, folder: str | Path, split: str, max_bytes: int, start_index: int = 0,
+                 max_count: int | None = None):
         self.folder, self.split, self.max_bytes = Path(folder), split, int(max_bytes)
+        self.max_count = max_count
         self.index = start_index
         self.shards: list[ShardInfo] = []
         self._tar = self._raw = self._hash = None
@@ -82,7 +85,9 @@ class ShardWriter:
     def write(self, key: str, ext: str, image: bytes, label_index: int, info: bytes) -> None:
         members = sample_members(key, ext, image, label_index, info)
         size = sum(_member_size(len(data)) for _, data in members)
-        if self._tar is not None and self._count and self._hash.size + size > self.max_bytes:
+        full = self.max_count is not None and self._count >= self.max_count
+        too_big = self._tar is not None and self._hash.size + size > self.max_bytes
+        if self._tar is not None and self._count and (full or too_big):
             self._finish()
         if self._tar is None:
             self._start()
