@@ -60,8 +60,8 @@ class StaleRequest(RuntimeError):
 
 def item_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     """Randomness for one item, fixed by `(seed, epoch, key)`, independent of actor and timing."""
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
-    return np.random.default_rng([seed, epoch, int.from_bytes(digest, "little")])
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
 def shuffled(items: Iterable, buffer_size: int, rng: np.random.Generator | None) -> Iterator:

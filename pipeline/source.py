@@ -4,16 +4,16 @@ A `ShardSource` is a base location (a local folder, `file://`, `http(s)://`, `s3
 anything else fsspec knows) plus fsspec `storage_options`. It is a small picklable value,
 so each Ray actor opens and reads its own shards; no shard bytes pass through the driver.
 
-Shards are read front to back with `tarfile` in stream mode (`r|`): nothing is written
-to disk, nothing is unpickled, and a segment that ends early stops the download there.
-Stream mode accepts a tar cut at a header as a short, valid archive, so every read is
-checked against the sample counts in `meta.json`; a short shard is a `ShardReadError`.
+Shards are read front to back (`pipeline.tarstream`, a stream reader like `tarfile`'s
+`r|` mode): nothing is written to disk, nothing is unpickled, and a segment that ends
+early stops the download there. A tar cut at a header reads as a short, valid archive,
+so every read is checked against the sample counts in `meta.json`; a short shard is a
+`ShardReadError`.
 """
 
 from __future__ import annotations
 
 import json
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import BinaryIO
 import fsspec
 
 from pipeline.plan import Segment
+from pipeline.tarstream import TarFormatError, iter_tar
 from shards.format import LABEL_EXT, META_NAME, decode_label, validate_meta
 
 REMOTE_BLOCK = 4 << 20  # read-ahead per open shard on object stores: bounded, not a whole shard
@@ -112,20 +113,16 @@ def iter_samples(f: BinaryIO, shard: str) -> Iterator[RawSample]:
     """
     key, members = None, {}
     try:
-        with tarfile.open(fileobj=f, mode="r|") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue  # directories, links: never followed, never extracted
-                name = info.name.rsplit("/", 1)[-1]
-                k, dot, ext = name.partition(".")
-                if not dot:
-                    continue
-                if k != key:
-                    if key is not None:
-                        yield _sample(shard, key, members)
-                    key, members = k, {}
-                members[ext.lower()] = tar.extractfile(info).read()
-    except tarfile.TarError as e:
+        for name, data in iter_tar(f):
+            k, dot, ext = name.rsplit("/", 1)[-1].partition(".")
+            if not dot:
+                continue
+            if k != key:
+                if key is not None:
+                    yield _sample(shard, key, members)
+                key, members = k, {}
+            members[ext.lower()] = data
+    except TarFormatError as e:
         raise ShardReadError(shard, f"not a readable tar ({e}); re-run `tench shard`") from e
     if key is not None:
         yield _sample(shard, key, members)
