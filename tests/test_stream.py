@@ -250,6 +250,27 @@ def test_reader_replays_a_task_from_any_batch_without_ray(shard_set):
         reader.next_batch("first")
 
 
+def test_streams_what_tench_shard_wrote(ray_local, tmp_path):
+    """The real sharder's output, read back by webdataset as the oracle, streams once each."""
+    import webdataset as wds
+
+    from shards.format import decode_label
+    from shards.sample import make_sample
+    from shards.sharder import shard_folder
+
+    make_sample(tmp_path / "images", per_class=3, valid_per_class=1)
+    meta = shard_folder(tmp_path / "images", tmp_path / "shards", workers=1, progress=False)
+    names = [s["name"] for s in meta["splits"]["train"]["shards"]]
+    oracle = {s["__key__"]: decode_label(s["cls"]) for s in wds.WebDataset(
+        [str(tmp_path / "shards" / n) for n in names], shardshuffle=False)}
+    with ShardStream(tmp_path / "shards", "train", batch_size=4, size=SIZE,
+                     num_actors=1) as stream:
+        batches = play(stream)
+        assert stream.vocab.names == meta["vocab"]
+    check_batches(batches, stream, oracle)
+    assert Counter(keys_of(batches)) == Counter(list(oracle)) and len(oracle) == 30
+
+
 def test_vocab_mismatch_is_refused(tmp_path):
     shard_set = make_shards(tmp_path, {"train": 5})
     with pytest.raises(ValueError, match="different label vocab"):
