@@ -69,12 +69,16 @@ def get_files(
             for entry in entries:
                 if is_hidden(entry.name):
                     continue
-                if entry.is_dir():  # follows symlinks
+                try:
+                    is_dir = entry.is_dir()  # follows symlinks
+                except OSError:  # a symlink to itself (ELOOP): listed below, its reader says why
+                    is_dir = False
+                if is_dir:
                     if recurse and (only is None or entry.name in only):
                         pending.append((Path(entry.path), None))  # include: top level only
                     continue
                 dangling = entry.is_symlink() and not os.path.exists(entry.path)
                 ext = os.path.splitext(entry.name)[1].lower()
-                if (entry.is_file() or dangling) and (wanted is None or ext in wanted):
+                if (dangling or entry.is_file()) and (wanted is None or ext in wanted):
                     found.append(Path(entry.path))
     return sorted(found)
