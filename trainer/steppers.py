@@ -245,18 +245,22 @@ def lamb_step(params: list[Tensor], grads: list[Tensor], *, lr: float, mom: floa
     """LAMB (You et al. 2019, Algorithm 2): r = m̂/(√v̂ + eps), u = r + wd·p,
     p ← p − lr·q·u with the layer trust ratio q = ‖p‖/‖u‖, 1 when either norm is 0, at most 10."""
     for n, p, m, v in by_step(step, params, grad_avg, sqr_avg):
-        # m̂/(√v̂ + eps) = m·c / (√v + eps·√bc2) with c = √bc2/bc1: one pass fewer than
-        # dividing v by bc2 first
+        # With c = √bc2/bc1: m̂/(√v̂ + eps) = c·m/(√v + eps·√bc2), so u = c·u' with
+        # u' = m/(√v + eps·√bc2) + (wd/c)·p, built in the one buffer this step allocates (a second
+        # one made the CPU allocator hand memory back and fault it in again every step).
         bc1, bc2_sqrt = 1 - mom**n, (1 - sqr_mom**n) ** 0.5
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_add_(denom, eps * bc2_sqrt)
-        update = torch._foreach_mul(p, wd)  # u = wd·p + m̂/(√v̂ + eps)
-        torch._foreach_addcdiv_(update, m, denom, bc2_sqrt / bc1)
+        c = bc2_sqrt / bc1
+        u = torch._foreach_sqrt(v)
+        torch._foreach_add_(u, eps * bc2_sqrt)
+        torch._foreach_reciprocal_(u)
+        torch._foreach_mul_(u, m)
+        if wd != 0:
+            torch._foreach_add_(u, p, alpha=wd / c)
         p_norm = torch.stack(torch._foreach_norm(p))
-        u_norm = torch.stack(torch._foreach_norm(update))
+        u_norm = torch.stack(torch._foreach_norm(u)).mul_(c)
         trust = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, 1.0)
-        trust = trust.clamp_(max=LAMB_MAX_TRUST).mul_(-lr)
-        torch._foreach_addcmul_(p, update, list(trust.unbind()))
+        trust = trust.clamp_(max=LAMB_MAX_TRUST).mul_(-lr * c)
+        torch._foreach_addcmul_(p, u, list(trust.unbind()))
 
 
 def lookahead_step(params: list[Tensor], grads: list[Tensor], *, k: int, alpha: float,
