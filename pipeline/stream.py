@@ -196,6 +196,7 @@ class ShardStream:
         self.item_tfm = _resolve_tfms(item_tfms, split, size)
         self.prefetch, self.max_restarts = prefetch, max_restarts
         self.epoch = 0
+        self._plays = 0  # iterations started; only the latest may run (actors are shared)
         self.skips: list[Skip] = []  # what the last epoch skipped (on_error="skip")
         self.padded = 0  # slots the last epoch refilled with repeats after skips
         if len(self) == 0:
@@ -232,7 +233,8 @@ class ShardStream:
         if self._actors is None:
             raise RuntimeError("this ShardStream is closed")
         epoch, self.epoch = self.epoch, self.epoch + 1
-        return self._play(epoch)
+        self._plays += 1
+        return self._play(epoch, self._plays)
 
     def close(self) -> None:
         """Stop this stream's actors. Ray itself stays up: other streams may share it."""
@@ -275,13 +277,16 @@ class ShardStream:
         return [remote.remote(self.source, self.item_tfm, self.size, self.on_error,
                               shuffle_buffer) for _ in range(self.num_actors)]
 
-    def _play(self, epoch: int) -> Iterator[Batch]:
+    def _play(self, epoch: int, play: int) -> Iterator[Batch]:
         plan = self.plan(epoch)
         self.skips, self.padded = [], 0
         seen: set = set()
         feeds = {t.actor: _ActorFeed(self._actors[t.actor], t, self.seed, epoch, self.prefetch,
                                      self.max_restarts) for t in plan.tasks if t.num_batches}
         for actor, index in plan.delivery_order():
+            if play != self._plays:
+                raise RuntimeError("a newer iteration of this ShardStream started; its actors "
+                                   "serve one epoch at a time, so this one cannot go on")
             data = feeds[actor].take(index)
             for skip in data.skips:
                 if skip not in seen:  # a replay after a crash finds the same skips again

@@ -115,6 +115,18 @@ def test_same_seed_and_epoch_same_order_new_epoch_new_order(shard_set, train2):
     assert all(torch.equal(x.images, y.images) for x, y in zip(a, twin_a, strict=True))
 
 
+def test_stopping_early_then_a_full_epoch(shard_set, train2):
+    """Like an LR finder: break off an epoch; the next one is still whole, and in order."""
+    reference = play(train2, 9)
+    train2.set_epoch(9)
+    broken = iter(train2)
+    assert next(broken).keys == reference[0].keys
+    again = play(train2, 9)
+    assert keys_of(again) == keys_of(reference)
+    with pytest.raises(RuntimeError, match="newer iteration"):
+        next(broken)
+
+
 def test_two_ranks_split_the_epoch(ray_local, shard_set):
     labels = shard_set.labels["train"]
     per_rank = []
