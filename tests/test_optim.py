@@ -528,6 +528,8 @@ def test_each_group_steps_with_its_own_hypers_and_params_without_grad_are_skippe
     assert torch.equal(b.detach(), torch.full((3,), 2.0 * (1 - 0.01 * 0.5) - 0.01))
     assert torch.equal(frozen.detach(), torch.full((3,), 2.0))
 
+    assert not opt.state  # plain SGD keeps no per-parameter state
+
     state_opt = adam([a, b, frozen], 1e-3)
     state_opt.step()
     assert frozen not in state_opt.state and state_opt.state[a]["step"] == 1

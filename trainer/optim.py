@@ -234,8 +234,8 @@ class Optimizer(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        states = [self.state[p] for p in params]
-        if self._state_names and not all(states):
+        states = [self.state[p] for p in params] if self._state_names else []
+        if states and not all(states):
             for p, state in zip(params, states, strict=True):
                 if not state:
                     for stat in self.stats:
