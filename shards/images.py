@@ -116,17 +116,22 @@ def check_image(
     if not data:
         raise BadImage(EMPTY, "0 bytes")
     limit = pixel_limit(max_pixels)
-    image = _open(data, limit)
-    width, height = image.size
-    if limit is not None and width * height > limit:
-        raise BadImage(
-            BOMB, f"{width}x{height} = {width * height:,} pixels, over the limit of {limit:,}"
-        )
-    try:
-        image.load()  # every pixel of the (first) frame: truncation and corruption show here
-        image.getexif()  # the stream applies EXIF orientation; unreadable EXIF fails there
-    except DECODER_ERRORS as e:
-        raise BadImage(CORRUPT, f"{image.format} {width}x{height}: {e}") from None
+    # Pillow warns about what it tolerates (its bomb limit, odd EXIF, palette details): the
+    # verdict here is kept or skipped, so its warnings would only be noise from the workers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image = _open(data)
+        width, height = image.size
+        if limit is not None and width * height > limit:
+            raise BadImage(
+                BOMB, f"{width}x{height} = {width * height:,} pixels, over the limit of {limit:,}"
+            )
+        try:
+            image.load()  # every pixel of the (first) frame: truncation and corruption show
+            if "exif" in image.info or image.format == "TIFF":
+                image.getexif()  # the stream applies EXIF orientation: bad EXIF fails there
+        except DECODER_ERRORS as e:
+            raise BadImage(CORRUPT, f"{image.format} {width}x{height}: {e}") from None
     ext = FORMAT_EXTS.get(image.format or "")
     mode = image.mode
     if max_size is not None and min(width, height) > max_size:
@@ -136,28 +141,26 @@ def check_image(
         data, ext, reencoded = _encode(_storable(image), "png"), "png", True
     else:
         reencoded = False
-    histogram = Image.fromarray(rgb_pixels(image)).histogram() if want_histogram else None
+    histogram = rgb_histogram(image) if want_histogram else None
     return CheckedImage(ext, data, width, height, mode, reencoded, histogram)
 
 
-def _open(data: bytes, limit: int | None) -> Image.Image:
-    """`Image.open` with Pillow's own bomb warning silenced: `check_image` applies `limit`.
+def _open(data: bytes) -> Image.Image:
+    """`Image.open`, its errors as `BadImage`s.
 
-    Pillow still refuses outright (DecompressionBombError) an image over twice its own
-    `MAX_IMAGE_PIXELS`; that is reported as a bomb too.
+    Pillow refuses outright (DecompressionBombError) an image over twice its own
+    `MAX_IMAGE_PIXELS`, whatever `max_pixels` says; that is reported as a bomb too.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            return Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as e:
-            raise BadImage(BOMB, str(e)) from None
-        except UnidentifiedImageError:
-            raise BadImage(
-                NOT_IMAGE, f"{len(data)} bytes in no format Pillow reads, starting {data[:8]!r}"
-            ) from None
-        except DECODER_ERRORS as e:
-            raise BadImage(CORRUPT, str(e)) from None
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadImage(BOMB, str(e)) from None
+    except UnidentifiedImageError:
+        raise BadImage(
+            NOT_IMAGE, f"{len(data)} bytes in no format Pillow reads, starting {data[:8]!r}"
+        ) from None
+    except DECODER_ERRORS as e:
+        raise BadImage(CORRUPT, str(e)) from None
 
 
 def rgb_pixels(image: Image.Image) -> np.ndarray:
@@ -174,6 +177,15 @@ def rgb_pixels(image: Image.Image) -> np.ndarray:
         colour, alpha = rgba[:, :, :3], rgba[:, :, 3:]
         return ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
     return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+def rgb_histogram(image: Image.Image) -> list[int]:
+    """768 pixel counts (R 0-255, G, B) of `image` as RGB; Pillow counts RGB and L directly."""
+    if image.mode == "RGB":
+        return image.histogram()
+    if image.mode == "L" and "transparency" not in image.info:
+        return image.histogram() * 3  # grey: the same counts in each channel
+    return Image.fromarray(rgb_pixels(image)).histogram()
 
 
 def shrunk_size(width: int, height: int, max_size: int) -> tuple[int, int]:

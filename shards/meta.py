@@ -26,9 +26,12 @@ CREATED_BY = "tench shard"
 
 def build_meta(
     vocab: Vocab, shards: dict[str, list[ShardInfo]], histogram: np.ndarray,
-    skipped: list[dict], **extra,
+    stats_images: int, skipped: list[dict], **extra,
 ) -> dict:  # fmt: skip
-    """The `meta.json` object: format keys first, then `extra` (layout, options, ...)."""
+    """The `meta.json` object: format keys first, then `extra` (layout, options, ...).
+
+    `histogram`: 768 RGB pixel counts of the `stats_images` training images sampled.
+    """
     splits = {}
     for split in SPLITS:
         infos = shards.get(split, [])
@@ -37,7 +40,7 @@ def build_meta(
             "shards": [s.to_json() for s in infos],
         }
     stats = histogram_stats(histogram)
-    stats["images"] = splits["train"]["count"]
+    stats["images"] = stats_images
     return {
         "format_version": FORMAT_VERSION,
         **vocab.to_json(),

@@ -1,89 +1,81 @@
 """`tench shard SRC OUT`: a folder of labelled images -> webdataset tar shards + meta.json.
 
 The run, in order:
-1. plan: list SRC (`get_files`), split (ImageNet `train/` + `val/`, or `--valid-pct`),
-   label by parent folder, build the vocab from the training labels only, shuffle each
-   split with the seed so every shard mixes classes. A validation label missing from the
-   training vocab stops the run here, before any image is read.
-2. check: worker processes read each file and fully decode it (`shards.images`); a
-   window of chunks in flight keeps memory flat however large SRC is.
-3. write: the parent writes the results, in plan order, one `ShardWriter` per split;
-   shards appear under their final names only when complete.
-4. `meta.json` is written last, atomically. A folder without it is an unfinished run.
+1. plan (`shards.shard_plan`): list, split, label and shuffle the files, build the vocab
+   from the training labels, and decide which files go in which shard. A validation label
+   missing from the training vocab stops the run here, before any image is read.
+2. check and write: each worker process takes one planned shard at a time, fully decodes
+   every file of it (`shards.images`) and writes the usable ones with `ShardWriter`, under
+   a temporary name renamed when complete. Workers write in parallel; a worker holds one
+   image at a time, so memory stays flat however large SRC is.
+3. `meta.json` is written last, atomically. A folder without it is an unfinished run.
 
-An error (or Ctrl-C) removes the shards this run finished; a kill -9 can leave finished
-shards and hidden `.<name>.<pid>.partial` files, but never `meta.json`, and
-`--force` clears all of them before the next run.
+An error (or Ctrl-C) removes every shard of the run; a kill -9 can leave finished shards
+and hidden `.<name>.<pid>.partial` files (workers notice their parent is gone and drop
+theirs), but never `meta.json`, and `--force` clears all of them before the next run.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
-import math
 import multiprocessing
 import os
-import random
 import re
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    as_completed,
+    wait,
+)
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from shards.atomic import TMP_SUFFIX
-from shards.blocks import (
-    TRAIN,
-    VALID,
-    CategoryProcessor,
-    grandparent_splitter,
-    parent_labeler,
-    random_splitter,
-)
-from shards.files import get_files, image_extensions
-from shards.format import META_NAME, SPLITS, encode_info, sample_key
-from shards.images import CheckedImage, check_files, file_size, pixel_limit
+from shards.blocks import TRAIN, VALID
+from shards.format import META_NAME, SPLITS, encode_info, sample_key, shard_name
+from shards.images import BadImage, check_file, pixel_limit
 from shards.meta import build_meta, summary_lines, write_meta
-from shards.vocab import Vocab
-from shards.writer import ShardInfo, ShardWriter, sample_size
+from shards.shard_plan import (
+    STATS_IMAGES,
+    ShardError,
+    ShardTask,
+    assign_shards,
+    check_src,
+    plan,
+    shard_bytes,
+    spread_stats_sample,
+)
+from shards.writer import ShardInfo, ShardWriter
 
-DEFAULT_SHARD_SIZE = 256 * 1000 * 1000
-MIN_SHARDS = 8  # per split, when the split has enough images: one shard per reader or more
-MIN_SHARD_IMAGES = 8  # ... but no fewer images than this in a scaled-down shard
-CHUNK_FILES, CHUNK_BYTES = 32, 8 * 1000 * 1000  # one task for a worker
-IN_FLIGHT_PER_WORKER = 2  # chunks submitted ahead per worker: enough to keep each busy
+IN_FLIGHT_PER_WORKER = 2  # shard tasks submitted per worker: the next one is always ready
+WATCH_SECONDS = 1.0  # how often an idle worker checks that the sharder is still there
 ON_ERROR = ("skip", "fail")
-NO_EXTENSION = "no image extension"
-OUTSIDE = "outside the layout"
 _OWN_FILE = re.compile(rf"^(({'|'.join(SPLITS)})-\d{{6}}\.tar|{re.escape(META_NAME)})$")
 
 
-class ShardError(RuntimeError):
-    """A sharding run that cannot go on; the message says what, where and what to do."""
-
-
 @dataclass
-class Job:
-    """One source file to check and, if it decodes, write as one sample."""
+class ShardResult:
+    """What a worker did with one `ShardTask`."""
 
     split: str
-    rel: str  # path relative to SRC, with "/" on every system
-    path: str
-    label: str
-    label_index: int
-    size: int  # bytes on disk
-
-
-@dataclass
-class Plan:
-    layout: str  # "imagenet" or "flat"
-    vocab: Vocab
-    jobs: dict[str, list[Job]]  # split -> jobs in write (shuffled) order
-    skipped: list[dict]  # files left out before reading: no image extension, outside layout
+    index: int
+    shard: ShardInfo | None = None  # None: no usable image in the task
+    skipped: list[dict] = field(default_factory=list)
+    failure: str | None = None  # with --on-error fail: the file and the reason
+    histogram: np.ndarray | None = None  # RGB pixel counts of the sampled training images
+    stats_images: int = 0  # how many images the histogram counts
+    formats: Counter = field(default_factory=Counter)
+    reencoded: int = 0
 
 
 def default_workers() -> int:
@@ -93,163 +85,104 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-# --- 1. plan ---------------------------------------------------------------------------
+# --- 2. check and write, one shard per task, in worker processes ------------------------
 
 
-def plan(src: Path, valid_pct: float | None = None, seed: int = 0) -> Plan:
-    """Which files go to which split with which label, in which order; nothing is read."""
-    check_src(src)
-    layout = _layout(src, valid_pct)
-    if layout == "imagenet":
-        splitter = grandparent_splitter
-        where = "a class folder directly under train/ or val/"
-    else:
-        splitter = random_splitter(valid_pct, seed, root=src)
-        where = "a class folder directly under SRC"
-    files = get_files(src)
-    if not files:
-        raise ShardError(f"{src}: SRC holds no files (hidden files are ignored)")
-    found: dict[str, list[tuple[str, Path, str]]] = {TRAIN: [], VALID: []}
-    skipped = []
-    for path in files:
-        rel = path.relative_to(src).as_posix()
-        if path.suffix.lower() not in image_extensions:
-            skipped.append({"path": rel, "reason": f"{NO_EXTENSION}: {path.suffix or 'none'}"})
-            continue
-        in_class_folder = len(rel.split("/")) == (3 if layout == "imagenet" else 2)
-        split = splitter(path) if in_class_folder else None
-        if split is None:
-            skipped.append({"path": rel, "reason": f"{OUTSIDE}: not in {where}"})
-            continue
-        found[split].append((rel, path, parent_labeler(path)))
-    if not found[TRAIN]:
-        raise ShardError(
-            f"{src}: no training images (files with an image extension in {where}); "
-            f"{len(skipped)} files left out, e.g. {skipped[0]['path'] if skipped else '-'}"
-        )
-    labels = CategoryProcessor().fit(label for _, _, label in found[TRAIN])
-    for rel, _, label in found[VALID]:
-        if label not in labels.vocab.index:
-            raise ShardError(
-                f"{src}: validation label {label!r} (e.g. {rel}) has no training images, so "
-                f"it is not in the training vocab {labels.vocab.names}; add images to its "
-                "train/ class folder or move the validation folder out of SRC"
-            )
-    rng = random.Random(seed)
-    jobs = {}
-    for split in SPLITS:
-        items = found[split]
-        indices = labels.encode([lb for _, _, lb in items], [p for _, p, _ in items])
-        split_jobs = [
-            Job(split, rel, str(path), label, index, file_size(str(path)))
-            for (rel, path, label), index in zip(items, indices, strict=True)
-        ]
-        rng.shuffle(split_jobs)  # every shard mixes classes; same seed, same order
-        jobs[split] = split_jobs
-    return Plan(layout, labels.vocab, jobs, skipped)
+def write_shard(
+    out: Path, task: ShardTask, *, max_pixels: int | None, max_size: int | None,
+    stop_at_error: bool, parent_pid: int | None = None,
+) -> ShardResult:  # fmt: skip
+    """Check every file of `task` (full decode) and write the usable ones as one shard.
 
-
-def check_src(src: Path) -> None:
-    if not src.exists():
-        raise ShardError(f"{src}: SRC does not exist")
-    if not src.is_dir():
-        raise ShardError(f"{src}: SRC is a file; expected a folder of class folders")
-
-
-def _layout(src: Path, valid_pct: float | None) -> str:
-    has_train = (src / "train").is_dir()
-    has_valid = (src / "val").is_dir() or (src / "valid").is_dir()
-    if valid_pct is None:
-        if not has_train:
-            raise ShardError(
-                f"{src}: no train/ folder; for the ImageNet layout put images in "
-                "train/<class>/ and val/<class>/, or for a flat tree of class folders pass "
-                "--valid-pct P (e.g. 0.2)"
-            )
-        return "imagenet"
-    if has_train and has_valid:
-        raise ShardError(
-            f"{src}: has train/ and val/ folders (ImageNet layout), which --valid-pct would "
-            "treat as two classes; drop --valid-pct"
-        )
-    return "flat"
-
-
-def shard_bytes(jobs: list[Job], shard_size: int | None, workers: int) -> int:
-    """Bytes per shard: `shard_size` as given, else 256 MB scaled down for small splits.
-
-    Scaled so a split of enough images gets at least max(MIN_SHARDS, workers) shards (one
-    per stream reader or more), but never fewer than MIN_SHARD_IMAGES images per shard.
+    The shard is written under a temporary name and renamed when complete (`ShardWriter`).
+    With `stop_at_error` the first unusable file ends the task and no shard is left. A worker
+    whose sharder has been killed (`parent_pid` gone) drops its shard and exits.
     """
-    if shard_size is not None:
-        return int(shard_size)
-    if not jobs:
-        return DEFAULT_SHARD_SIZE
-    total = sum(_estimated_sample_size(job) for job in jobs)
-    wanted = max(1, min(max(MIN_SHARDS, workers), len(jobs) // MIN_SHARD_IMAGES))
-    return min(DEFAULT_SHARD_SIZE, math.ceil(total / wanted))
+    result = ShardResult(task.split, task.index, histogram=np.zeros(768, dtype=np.int64))
+    with ShardWriter(out, task.split, sys.maxsize, start_index=task.index,
+                     sync=False) as writer:  # `write_shards` fsyncs it, in the background
+        for job in task.jobs:
+            if parent_pid is not None and not _alive(parent_pid):
+                writer.abort()  # drop the temporary file, then stop this orphaned worker
+                os._exit(1)
+            try:
+                image = check_file(job.path, max_pixels=max_pixels, max_size=max_size,
+                                   want_histogram=result.stats_images < task.stats_images)
+            except BadImage as e:
+                if stop_at_error:
+                    result.failure = f"{job.path}: {e}"
+                    writer.abort()
+                    break
+                result.skipped.append({"path": job.rel, "reason": str(e)})
+                continue
+            writer.write(sample_key(job.rel), image.ext, image.data, job.label_index,
+                         encode_info(job.rel, job.label))
+            result.formats[image.ext] += 1
+            result.reencoded += image.reencoded
+            if image.histogram is not None:
+                result.histogram += image.histogram
+                result.stats_images += 1
+    result.shard = writer.shards[0] if writer.shards else None
+    return result
 
 
-def _estimated_sample_size(job: Job) -> int:
-    info = encode_info(job.rel, job.label)
-    return sample_size(b"\0" * job.size, b"0000", info)
+def _watch_parent(pid: int) -> None:
+    """Worker start-up: exit when the sharder is gone (kill -9), rather than idle forever."""
+
+    def watch() -> None:
+        while _alive(pid):
+            time.sleep(WATCH_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
-# --- 2. check, in worker processes -------------------------------------------------------
-
-
-def _chunks(jobs: list[Job]) -> Iterator[list[Job]]:
-    """Consecutive jobs in groups of at most CHUNK_FILES files or CHUNK_BYTES bytes."""
-    chunk: list[Job] = []
-    size = 0
-    for job in jobs:
-        if chunk and (len(chunk) >= CHUNK_FILES or size + job.size > CHUNK_BYTES):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(job)
-        size += job.size
-    if chunk:
-        yield chunk
-
-
-def checked(
-    jobs: list[Job], workers: int, max_pixels: int | None, max_size: int | None
-) -> Iterator[tuple[Job, CheckedImage | tuple[str, str]]]:
-    """(job, result) in job order; results come from `workers` processes (1: this one).
-
-    At most IN_FLIGHT_PER_WORKER chunks per worker are submitted ahead of the one being
-    written, so memory holds a fixed number of images whatever the size of SRC.
-    """
-    def task(chunk: list[Job]) -> tuple:
-        items = [(job.path, job.split == TRAIN) for job in chunk]
-        return check_files, items, max_pixels, max_size
-
-    chunks = _chunks(jobs)
-    if workers <= 1:
-        for chunk in chunks:
-            fn, *args = task(chunk)
-            yield from zip(chunk, fn(*args), strict=True)
-        return
-    # forkserver: workers start from a clean process, safe even if the caller runs threads
-    context = multiprocessing.get_context("forkserver")
-    from concurrent.futures import ProcessPoolExecutor
-
-    pool = ProcessPoolExecutor(workers, mp_context=context)
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still exists (signal 0 checks without signalling)."""
     try:
-        pending: collections.deque = collections.deque()
-        for chunk in chunks:
-            pending.append((chunk, pool.submit(*task(chunk))))
-            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
-                done_chunk, future = pending.popleft()
-                yield from zip(done_chunk, future.result(), strict=True)
-        while pending:
-            done_chunk, future = pending.popleft()
-            yield from zip(done_chunk, future.result(), strict=True)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_tasks(out: Path, tasks: list[ShardTask], workers: int, **options) -> Iterator[ShardResult]:
+    """Results of `write_shard` for every task, as they finish; `workers` processes (1: here).
+
+    At most IN_FLIGHT_PER_WORKER tasks per worker are submitted at once; each task holds
+    one image at a time, so memory stays flat whatever the size of SRC.
+    """
+    workers = min(workers, len(tasks))
+    if workers <= 1:
+        for task in tasks:
+            yield write_shard(out, task, **options)
+        return
+    # forkserver: workers start from a clean process, safe even if the caller runs threads;
+    # the server imports this module once, so each worker forks with numpy and PIL loaded
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["shards.sharder"])
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_watch_parent,
+                               initargs=(os.getpid(),))
+    # biggest shards first: the small last shard of each split fills in at the end
+    ordered = sorted(tasks, key=lambda task: sum(job.size for job in task.jobs), reverse=True)
+    try:
+        running = set()
+        for task in ordered:
+            running.add(pool.submit(write_shard, out, task, parent_pid=os.getpid(), **options))
+            if len(running) < IN_FLIGHT_PER_WORKER * workers:
+                continue
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+        for future in as_completed(running):
+            yield future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-# --- 3. write ------------------------------------------------------------------------------
+# --- 3. the output folder, progress, the whole run -----------------------------------------
 
 
 def prepare_out(out: Path, src: Path, force: bool) -> None:
@@ -281,73 +214,92 @@ def prepare_out(out: Path, src: Path, force: bool) -> None:
                 (out / name).unlink(missing_ok=True)
 
 
+class _Syncer:
+    """fsync finished shards in a background thread, so the disk works while workers decode.
+
+    `wait` returns when every shard and the folder itself are on disk: only then may
+    `meta.json` say the run is complete.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tench-fsync")
+        self.pending: list = []
+
+    def add(self, name: str) -> None:
+        self.pending.append(self.pool.submit(fsync_path, self.folder / name))
+
+    def wait(self) -> None:
+        try:
+            for future in self.pending:
+                future.result()
+            fsync_path(self.folder)  # the renames
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk (folders: where the OS allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):  # Windows cannot open a folder
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _Progress:
     """A fastprogress bar on a terminal, a plain line every ~10% elsewhere, or nothing."""
 
     def __init__(self, total: int, show: bool):
         self.total, self.show, self.start = total, show, time.perf_counter()
-        self.bar = None
-        self.next_line = 0
+        self.done, self.next_line, self.bar = 0, 0, None
         if show and sys.stdout.isatty():
             from fastprogress.fastprogress import progress_bar
 
             self.bar = progress_bar(range(total))
             self.bar.update(0)
 
-    def update(self, done: int) -> None:
+    def add(self, n: int) -> None:
+        self.done += n
         if self.bar is not None:
-            self.bar.update(done)
-        elif self.show and (done >= self.next_line or done == self.total):
-            rate = done / max(time.perf_counter() - self.start, 1e-9)
-            print(f"checked {done:,}/{self.total:,} files ({rate:,.0f}/s)", flush=True)
-            self.next_line = done + max(1, self.total // 10)
+            self.bar.update(self.done)
+        elif self.show and (self.done >= self.next_line or self.done == self.total):
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            print(f"checked {self.done:,}/{self.total:,} files ({rate:,.0f}/s)", flush=True)
+            self.next_line = self.done + max(1, self.total // 10)
 
 
 def write_shards(
-    out: Path, plan_: Plan, *, shard_size: int | None, max_count: int | None, workers: int,
-    max_pixels: int | None, max_size: int | None, on_error: str, progress: bool,
-) -> tuple[dict[str, list[ShardInfo]], np.ndarray, list[dict], collections.Counter]:  # fmt: skip
-    """Check and write every planned file; (shards per split, RGB histogram, skipped, formats).
-
-    On any exception the shards finished by this call are deleted again.
-    """
-    histogram = np.zeros(768, dtype=np.int64)
-    skipped: list[dict] = []
-    formats: collections.Counter = collections.Counter()
-    all_jobs = [job for split in SPLITS for job in plan_.jobs[split]]
-    bar = _Progress(len(all_jobs), progress)
-    writers: dict[str, ShardWriter] = {}
+    out: Path, tasks: list[ShardTask], *, workers: int, max_pixels: int | None,
+    max_size: int | None, on_error: str, progress: bool,
+) -> list[ShardResult]:  # fmt: skip
+    """Run every task; the results in shard order. On any error no shard of the plan is left."""
+    bar = _Progress(sum(len(t.jobs) for t in tasks), progress)
+    sizes = {(t.split, t.index): len(t.jobs) for t in tasks}
+    results: list[ShardResult] = []
+    syncer = _Syncer(out)
     try:
-        with contextlib.ExitStack() as stack:
-            for split in SPLITS:
-                max_bytes = shard_bytes(plan_.jobs[split], shard_size, workers)
-                writers[split] = stack.enter_context(
-                    ShardWriter(out, split, max_bytes, max_count=max_count)
-                )
-            for done, (job, result) in enumerate(
-                checked(all_jobs, workers, max_pixels, max_size), start=1
-            ):
-                if isinstance(result, CheckedImage):
-                    writers[job.split].write(
-                        sample_key(job.rel), result.ext, result.data, job.label_index,
-                        encode_info(job.rel, job.label),
-                    )
-                    formats[result.ext] += 1
-                    formats["reencoded"] += result.reencoded
-                    if result.histogram is not None:
-                        histogram += result.histogram
-                else:
-                    kind, detail = result
-                    if on_error == "fail":
-                        raise ShardError(f"{job.path}: {kind}: {detail} (--on-error fail)")
-                    skipped.append({"path": job.rel, "reason": f"{kind}: {detail}"})
-                bar.update(done)
+        for result in run_tasks(out, tasks, workers, max_pixels=max_pixels, max_size=max_size,
+                                stop_at_error=on_error == "fail"):
+            if result.failure:
+                raise ShardError(f"{result.failure} (--on-error fail)")
+            if result.shard is not None:
+                syncer.add(result.shard.name)
+            results.append(result)
+            bar.add(sizes[(result.split, result.index)])
+        syncer.wait()
     except BaseException:
-        for writer in writers.values():
-            for info in writer.shards:
-                (out / info.name).unlink(missing_ok=True)
+        syncer.stop()
+        for task in tasks:  # the pool has stopped: no worker can still be writing
+            (out / shard_name(task.split, task.index)).unlink(missing_ok=True)
         raise
-    return {split: w.shards for split, w in writers.items()}, histogram, skipped, formats
+    return sorted(results, key=lambda r: (SPLITS.index(r.split), r.index))
 
 
 # --- the API and the command -------------------------------------------------------------
@@ -357,13 +309,14 @@ def shard_folder(
     src: str | Path, out: str | Path, *, valid_pct: float | None = None, seed: int = 0,
     shard_size: int | None = None, max_count: int | None = None, max_size: int | None = None,
     workers: int | None = None, on_error: str = "skip", force: bool = False,
-    progress: bool = True, max_pixels: int | None = None,
+    progress: bool = True, max_pixels: int | None = None, stats_images: int = STATS_IMAGES,
 ) -> dict:  # fmt: skip
     """Shard the images under `src` into `out`; return the `meta.json` object written.
 
     `valid_pct`: split a flat tree of class folders at random (by `seed`) instead of the
     ImageNet layout. `max_pixels`: refuse images with more pixels (default: Pillow's
-    decompression-bomb limit). `progress`: show a progress bar and print the summary.
+    decompression-bomb limit). `stats_images`: training images sampled for the mean/std
+    (all when there are fewer). `progress`: show a progress bar and print the summary.
     Raises `ShardError` (a clear message) for anything that stops the run.
     """
     src, out = Path(src), Path(out)
@@ -375,10 +328,17 @@ def shard_folder(
     prepare_out(out, src, force)
     try:
         plan_ = plan(src, valid_pct, seed)
-        shards, histogram, skipped, formats = write_shards(
-            out, plan_, shard_size=shard_size, max_count=max_count, workers=workers,
-            max_pixels=max_pixels, max_size=max_size, on_error=on_error, progress=progress,
-        )  # fmt: skip
+        tasks = [
+            task for split in SPLITS for task in assign_shards(
+                split, plan_.jobs[split], shard_bytes(plan_.jobs[split], shard_size, workers),
+                max_count)
+        ]  # fmt: skip
+        spread_stats_sample(tasks, stats_images)
+        results = write_shards(out, tasks, workers=workers, max_pixels=max_pixels,
+                               max_size=max_size, on_error=on_error, progress=progress)
+        shards = {split: [r.shard for r in results if r.split == split and r.shard]
+                  for split in SPLITS}
+        skipped = [entry for r in results for entry in r.skipped]
         if not shards[TRAIN]:
             for info in shards[VALID]:
                 (out / info.name).unlink(missing_ok=True)
@@ -391,14 +351,16 @@ def shard_folder(
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if this run made it and left it empty
         raise
-    reencoded = formats.pop("reencoded", 0)
+    histogram = sum(r.histogram for r in results)
+    formats = sum((r.formats for r in results), Counter())
     meta = build_meta(
-        plan_.vocab, shards, histogram, plan_.skipped + skipped,
+        plan_.vocab, shards, histogram, sum(r.stats_images for r in results),
+        plan_.skipped + skipped,
         layout=plan_.layout, source=str(src.resolve()),
         options={"valid_pct": valid_pct, "seed": seed, "shard_size": shard_size,
                  "max_count": max_count, "max_size": max_size,
                  "max_pixels": pixel_limit(max_pixels)},
-        reencoded=reencoded, formats=dict(sorted(formats.items())),
+        reencoded=sum(r.reencoded for r in results), formats=dict(sorted(formats.items())),
     )  # fmt: skip
     write_meta(out, meta)
     if progress:

@@ -60,14 +60,15 @@ class ShardWriter:
     """Write samples of one split into `folder/<split>-NNNNNN.tar`, `max_bytes` per shard.
 
     Use as a context manager; `shards` lists the finished `ShardInfo`s. A sample larger
-    than `max_bytes` gets a shard of its own rather than being refused. `max_count`, when
-    given, also caps the samples per shard.
+    than `max_bytes` gets a shard of its own rather than being refused. `sync=False` skips
+    the fsync before the rename, for a caller that fsyncs the shards itself later (before
+    it writes `meta.json`) so the disk works while it goes on decoding.
     """
 
     def __init__(self, folder: str | Path, split: str, max_bytes: int, start_index: int = 0,
-                 max_count: int | None = None):
+                 sync: bool = True):
         self.folder, self.split, self.max_bytes = Path(folder), split, int(max_bytes)
-        self.max_count = max_count
+        self.sync = sync
         self.index = start_index
         self.shards: list[ShardInfo] = []
         self._tar = self._raw = self._hash = None
@@ -85,9 +86,7 @@ class ShardWriter:
     def write(self, key: str, ext: str, image: bytes, label_index: int, info: bytes) -> None:
         members = sample_members(key, ext, image, label_index, info)
         size = sum(_member_size(len(data)) for _, data in members)
-        full = self.max_count is not None and self._count >= self.max_count
-        too_big = self._tar is not None and self._hash.size + size > self.max_bytes
-        if self._tar is not None and self._count and (full or too_big):
+        if self._tar is not None and self._count and self._hash.size + size > self.max_bytes:
             self._finish()
         if self._tar is None:
             self._start()
@@ -120,7 +119,8 @@ class ShardWriter:
     def _finish(self) -> None:
         self._tar.close()  # writes the end-of-archive blocks through the hashing file
         self._raw.flush()
-        os.fsync(self._raw.fileno())
+        if self.sync:
+            os.fsync(self._raw.fileno())
         self._raw.close()
         os.replace(self._tmp, self.folder / self._name)
         self.shards.append(ShardInfo(self._name, self._count, self._hash.size,

@@ -282,6 +282,14 @@ def _complete_tar(path: Path) -> int:
     return len(names) // 3
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.mark.slow
 def test_kill_9_mid_run_leaves_nothing_that_looks_complete(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
@@ -301,11 +309,15 @@ def test_kill_9_mid_run_leaves_nothing_that_looks_complete(tmp_path):
             time.sleep(0.005)
         if proc.poll() is not None:
             pytest.fail(f"the run ended (status {proc.returncode}) before it could be killed")
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)  # the sharder only: its workers must notice
         proc.wait()
+        deadline = time.monotonic() + 15
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _group_alive(proc.pid), "worker processes outlived the killed sharder"
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # its worker processes too
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
     assert not (out / META_NAME).exists()
     names = sorted(p.name for p in out.iterdir())

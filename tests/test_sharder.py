@@ -161,6 +161,25 @@ def test_stats_are_the_mean_and_std_of_decoded_training_pixels(tmp_path):
     assert meta["stats"]["images"] == 15
 
 
+def test_stats_from_a_sample_take_the_first_images_of_every_training_shard(tmp_path):
+    from pipeline.decode import decode_image
+
+    make_tree(tmp_path / "src", train=10, valid=2)
+    meta = shard_folder(tmp_path / "src", tmp_path / "out", max_count=6, stats_images=7,
+                        progress=False)
+    shards = meta["splits"]["train"]["shards"]
+    share = -(-7 // len(shards))  # ceil: every shard gives the same number of images
+    assert meta["stats"]["images"] == share * len(shards) >= 7
+    first = []
+    for shard in shards:
+        with tarfile.open(tmp_path / "out" / shard["name"]) as tar:
+            images = [m for m in tar.getmembers() if m.name.endswith((".jpg", ".png"))]
+            first += [(tar.extractfile(m).read(), m.name[-3:]) for m in images[:share]]
+    pixels = np.concatenate([decode_image(d, e).reshape(-1, 3) / 255.0 for d, e in first])
+    np.testing.assert_allclose(meta["stats"]["mean"], pixels.mean(0), atol=2e-6)
+    np.testing.assert_allclose(meta["stats"]["std"], pixels.std(0), atol=2e-6)
+
+
 def test_max_count_and_shard_size_cap_each_shard(tmp_path):
     make_tree(tmp_path / "src", train=10, valid=3)
     meta = shard_folder(tmp_path / "src", tmp_path / "a", max_count=4, progress=False)
