@@ -126,6 +126,23 @@ def write_shard(
     return result
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How to start workers: fork when this process runs one thread, else forkserver.
+
+    fork starts a worker in milliseconds with everything already imported, but is unsafe
+    when other threads may hold locks (a caller running Ray, a notebook); forkserver starts
+    workers from a clean single-threaded server that imports this module once (~0.5 s).
+    """
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    if "forkserver" in methods:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["shards.sharder"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
 def _watch_parent(pid: int) -> None:
     """Worker start-up: exit when the sharder is gone (kill -9), rather than idle forever."""
 
@@ -159,12 +176,8 @@ def run_tasks(out: Path, tasks: list[ShardTask], workers: int, **options) -> Ite
         for task in tasks:
             yield write_shard(out, task, **options)
         return
-    # forkserver: workers start from a clean process, safe even if the caller runs threads;
-    # the server imports this module once, so each worker forks with numpy and PIL loaded
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["shards.sharder"])
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_watch_parent,
-                               initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(workers, mp_context=worker_context(),
+                               initializer=_watch_parent, initargs=(os.getpid(),))
     # biggest shards first: the small last shard of each split fills in at the end
     ordered = sorted(tasks, key=lambda task: sum(job.size for job in task.jobs), reverse=True)
     try:

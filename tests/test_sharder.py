@@ -15,7 +15,7 @@ from PIL import Image
 from shards.blocks import random_splitter
 from shards.format import decode_label, read_meta, sample_key
 from shards.inspect import inspect_folder
-from shards.sharder import ShardError, shard_folder
+from shards.sharder import ShardError, shard_folder, worker_context
 from trainer.cli import main as cli_main
 
 CLASSES = ("cat", "dog", "fish")
@@ -133,6 +133,23 @@ def test_same_seed_same_shards_whatever_the_worker_count(tmp_path):
     assert one["stats"] == two["stats"]
     assert other["splits"] != one["splits"]  # another seed, another order
     assert other["splits"]["train"]["count"] == one["splits"]["train"]["count"]
+
+
+def test_a_caller_running_threads_gets_forkserver_workers_and_the_same_shards(tmp_path):
+    import threading
+
+    make_tree(tmp_path / "src", train=6, valid=2)
+    alone = shard_folder(tmp_path / "src", tmp_path / "a", workers=2, progress=False)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)  # a thread that might hold a lock at fork
+    other.start()
+    try:
+        assert worker_context().get_start_method() == "forkserver"
+        threaded = shard_folder(tmp_path / "src", tmp_path / "b", workers=2, progress=False)
+    finally:
+        stop.set()
+        other.join()
+    assert threaded["splits"] == alone["splits"]
 
 
 def test_flat_tree_split_by_valid_pct(tmp_path):
