@@ -72,7 +72,8 @@ class ShardResult:
     shard: ShardInfo | None = None  # None: no usable image in the task
     skipped: list[dict] = field(default_factory=list)
     failure: str | None = None  # with --on-error fail: the file and the reason
-    histogram: np.ndarray | None = None  # RGB pixel counts of the sampled training images
+    # RGB pixel counts (R 0-255, G, B) of the training images sampled for mean/std
+    histogram: np.ndarray = field(default_factory=lambda: np.zeros(768, dtype=np.int64))
     stats_images: int = 0  # how many images the histogram counts
     formats: Counter = field(default_factory=Counter)
     reencoded: int = 0
@@ -85,7 +86,7 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-# --- 2. check and write, one shard per task, in worker processes ------------------------
+# --- check and write, one shard per task, in worker processes ---------------------------
 
 
 def write_shard(
@@ -98,7 +99,7 @@ def write_shard(
     With `stop_at_error` the first unusable file ends the task and no shard is left. A worker
     whose sharder has been killed (`parent_pid` gone) drops its shard and exits.
     """
-    result = ShardResult(task.split, task.index, histogram=np.zeros(768, dtype=np.int64))
+    result = ShardResult(task.split, task.index)
     with ShardWriter(out, task.split, sys.maxsize, start_index=task.index,
                      sync=False) as writer:  # `write_shards` fsyncs it, in the background
         for job in task.jobs:
@@ -195,7 +196,7 @@ def run_tasks(out: Path, tasks: list[ShardTask], workers: int, **options) -> Ite
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-# --- 3. the output folder, progress, the whole run -----------------------------------------
+# --- the output folder, progress, the whole run ------------------------------------------
 
 
 def prepare_out(out: Path, src: Path, force: bool) -> None:
@@ -287,6 +288,10 @@ class _Progress:
             print(f"checked {self.done:,}/{self.total:,} files ({rate:,.0f}/s)", flush=True)
             self.next_line = self.done + max(1, self.total // 10)
 
+    def close(self) -> None:
+        if self.bar is not None:
+            print(flush=True)  # the bar leaves the cursor at the end of its line
+
 
 def write_shards(
     out: Path, tasks: list[ShardTask], *, workers: int, max_pixels: int | None,
@@ -306,6 +311,7 @@ def write_shards(
                 syncer.add(result.shard.name)
             results.append(result)
             bar.add(sizes[(result.split, result.index)])
+        bar.close()
         syncer.wait()
     except BaseException:
         syncer.stop()
