@@ -170,7 +170,13 @@ def shard_bytes(jobs: list[Job], shard_size: int | None, workers: int) -> int:
 def _estimated_sample_size(job: Job) -> int:
     """Tar bytes of the sample: exact in copy mode (the image keeps its bytes)."""
     info = encode_info(job.rel, job.label)
-    return sample_size(b"\0" * job.size, str(job.label_index).encode(), info)
+    label = str(job.label_index).encode()
+    return member_bytes(job.size) + sample_size(label, info)
+
+
+def member_bytes(size: int) -> int:
+    """A tar member of `size` bytes: a header block, then the data padded to whole blocks."""
+    return tarfile.BLOCKSIZE + math.ceil(size / tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 def tar_bytes(members: int) -> int:

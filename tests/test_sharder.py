@@ -208,6 +208,17 @@ def test_max_count_and_shard_size_cap_each_shard(tmp_path):
     assert len(shards) > 5
 
 
+def test_planned_shard_sizes_are_the_written_sizes_in_copy_mode(tmp_path):
+    from shards.shard_plan import _estimated_sample_size, assign_shards, plan, tar_bytes
+
+    make_tree(tmp_path / "src", train=12, valid=3)
+    meta = shard_folder(tmp_path / "src", tmp_path / "out", shard_size=40_000, progress=False)
+    tasks = assign_shards("train", plan(tmp_path / "src").jobs["train"], 40_000, None)
+    planned = [tar_bytes(sum(_estimated_sample_size(job) for job in t.jobs)) for t in tasks]
+    written = [s["bytes"] for s in meta["splits"]["train"]["shards"]]
+    assert written == planned and max(written) <= 40_000 and len(written) > 1
+
+
 def test_max_size_shrinks_big_images_and_keeps_small_ones(tmp_path):
     src = tmp_path / "src"
     big_jpg, big_png = image_bytes(1, "JPEG", (90, 60)), image_bytes(2, "PNG", (40, 70))
