@@ -407,7 +407,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "folders with --valid-pct")  # fmt: skip
     parser.add_argument("out", metavar="OUT", type=Path, help="folder for the shards and meta.json")
     parser.add_argument("--valid-pct", type=float, default=None,
-                        help="flat tree: fraction of each class folder's files for validation")
+                        help="a flat tree of class folders: the fraction of files (e.g. 0.2, "
+                             "drawn by --seed) that go to validation")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="split and shuffle seed")
     parser.add_argument("--shard-size", type=int, default=None,
                         help="bytes per shard (default 256 MB, smaller for small sets)")
@@ -418,7 +419,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="skip images with more pixels (default Pillow's bomb limit)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="processes that read and check images (default: all cores)")
+                        help="processes that read, check and write shards (default: all "
+                             "cores)")  # fmt: skip
     parser.add_argument("--on-error", choices=ON_ERROR, default="skip",
                         help="a file that is not a usable image: skip it and report it (default) "
                              "or stop the run")  # fmt: skip
