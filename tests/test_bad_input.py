@@ -210,6 +210,24 @@ def test_stats_use_the_same_rgb_conversion_as_the_stream(sharded):
     np.testing.assert_allclose(meta["stats"]["std"], pixels.std(0), atol=1e-3)
 
 
+def test_a_format_shards_do_not_store_is_converted_to_png_losslessly(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 20, 3), dtype=np.uint8)
+    checked = check_image(_encode(Image.fromarray(pixels), "PPM"))
+    assert checked.ext == "png" and checked.reencoded
+    assert (np.asarray(Image.open(io.BytesIO(checked.data))) == pixels).all()
+
+
+def test_max_size_turns_exif_rotated_and_16_bit_images_upright_and_8_bit(tmp_path):
+    rotated = check_image(_exif_rotated_jpeg(), max_size=10)  # stored 30x20, shown 20x30
+    image = Image.open(io.BytesIO(rotated.data))
+    assert rotated.ext == "jpg" and image.size == (10, 15)
+    assert image.getexif().get(0x0112) is None  # no orientation tag left to apply twice
+    deep = check_image(_sixteen_bit_png(), max_size=8)
+    image = Image.open(io.BytesIO(deep.data))
+    assert deep.ext == "png" and image.mode == "L" and image.size == (10, 8)
+    assert (np.asarray(image)[:, 5:] == 156).all()  # 40000 scaled to 156, not clipped at 255
+
+
 def test_max_pixels_sets_the_bomb_limit():
     data = image_bytes(1, "PNG", (50, 40))
     assert check_image(data, max_pixels=2000).width == 50
