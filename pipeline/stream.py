@@ -140,7 +140,26 @@ class ShardStream:
 
     `len(stream)` is the exact number of batches per epoch (the same on every rank). Each
     iteration plays epoch `stream.epoch` and then advances it; `set_epoch(e)` picks one.
-    The order depends on `(seed, epoch, num_actors, world_size, rank)` only.
+    The order depends on `(seed, epoch, num_actors, world_size, rank)` only, and an item's
+    random augmentation on `(seed, epoch, key)` only.
+
+    - `source`: a folder, `file://`, `http(s)://` or `s3://...` URL holding `meta.json`;
+      `storage_options` go to fsspec, e.g. an S3-compatible store:
+      `{"endpoint_url": "http://127.0.0.1:9000", "key": ..., "secret": ...}` (without
+      them s3fs reads the usual AWS environment variables and config files).
+    - `item_tfms`: `None` for `train_tfms(size)` / `valid_tfms(size)` by split, a list of
+      item transforms, or one composed callable; each must end at `size` x `size`.
+    - `shuffle`: default True for "train" (shard order + a `shuffle_buffer` of encoded
+      records per actor), False otherwise (the written order, the same every run).
+    - `num_actors`: default the cluster's CPUs // `world_size`. `actor_cpus=None` reserves
+      no CPU while they run (Ray's actor default), so a train and a valid stream coexist.
+    - `address`: None starts Ray here if it is not running; "auto" or "ray://..." joins.
+    - `on_error`: "fail" raises `ShardReadError` naming the shard; "skip" leaves out what
+      cannot be read, logs a warning, counts it in `skipped`/`skips`, and refills those
+      batch slots with repeats (`padded`) so the batch count stays equal on every rank.
+    - memory: at most `num_actors * prefetch` batches wait in Ray's object store (capped
+      by `object_store_memory` when this stream starts Ray), plus `shuffle_buffer` encoded
+      records per actor; nothing grows with the data set.
     """
 
     def __init__(
