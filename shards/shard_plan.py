@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +44,12 @@ class ShardError(RuntimeError):
     """A sharding run that cannot go on; the message says what, where and what to do."""
 
 
-@dataclass
+@dataclass(slots=True)  # one per file of SRC: kept small
 class Job:
     """One source file to check and, if it decodes, write as one sample."""
 
     split: str
     rel: str  # path relative to SRC, with "/" on every system
-    path: str
     label: str
     label_index: int
     size: int  # bytes on disk
@@ -86,7 +86,7 @@ def plan(src: Path, valid_pct: float | None = None, seed: int = 0) -> Plan:
     files = get_files(src)
     if not files:
         raise ShardError(f"{src}: SRC holds no files (hidden files are ignored)")
-    found: dict[str, list[tuple[str, Path, str]]] = {TRAIN: [], VALID: []}
+    found: dict[str, list[tuple[str, str, int]]] = {TRAIN: [], VALID: []}  # rel, label, size
     skipped = []
     for path in files:
         rel = path.relative_to(src).as_posix()
@@ -98,14 +98,16 @@ def plan(src: Path, valid_pct: float | None = None, seed: int = 0) -> Plan:
         if split is None:
             skipped.append({"path": rel, "reason": f"{OUTSIDE}: not in {where}"})
             continue
-        found[split].append((rel, path, parent_labeler(path)))
+        # interned: one string per class, not per file (a plan holds every file of SRC)
+        found[split].append((rel, sys.intern(parent_labeler(path)), file_size(str(path))))
+    del files
     if not found[TRAIN]:
         raise ShardError(
             f"{src}: no training images (files with an image extension in {where}); "
             f"{len(skipped)} files left out, e.g. {skipped[0]['path'] if skipped else '-'}"
         )
-    labels = CategoryProcessor().fit(label for _, _, label in found[TRAIN])
-    for rel, _, label in found[VALID]:
+    labels = CategoryProcessor().fit(label for _, label, _ in found[TRAIN])
+    for rel, label, _ in found[VALID]:
         if label not in labels.vocab.index:
             raise ShardError(
                 f"{src}: validation label {label!r} (e.g. {rel}) has no training images, so "
@@ -115,11 +117,11 @@ def plan(src: Path, valid_pct: float | None = None, seed: int = 0) -> Plan:
     rng = random.Random(seed)
     jobs = {}
     for split in SPLITS:
-        items = found[split]
-        indices = labels.encode([lb for _, _, lb in items], [p for _, p, _ in items])
+        items = found.pop(split)
+        indices = labels.encode([label for _, label, _ in items], [rel for rel, _, _ in items])
         split_jobs = [
-            Job(split, rel, str(path), label, index, file_size(str(path)))
-            for (rel, path, label), index in zip(items, indices, strict=True)
+            Job(split, rel, label, index, size)
+            for (rel, label, size), index in zip(items, indices, strict=True)
         ]
         rng.shuffle(split_jobs)  # every shard mixes classes; same seed, same order
         jobs[split] = split_jobs

@@ -90,7 +90,7 @@ def default_workers() -> int:
 
 
 def write_shard(
-    out: Path, task: ShardTask, *, max_pixels: int | None, max_size: int | None,
+    out: Path, task: ShardTask, *, src: Path, max_pixels: int | None, max_size: int | None,
     stop_at_error: bool, parent_pid: int | None = None,
 ) -> ShardResult:  # fmt: skip
     """Check every file of `task` (full decode) and write the usable ones as one shard.
@@ -107,11 +107,12 @@ def write_shard(
                 writer.abort()  # drop the temporary file, then stop this orphaned worker
                 os._exit(1)
             try:
-                image = check_file(job.path, max_pixels=max_pixels, max_size=max_size,
+                path = os.path.join(src, job.rel)
+                image = check_file(path, max_pixels=max_pixels, max_size=max_size,
                                    want_histogram=result.stats_images < task.stats_images)
             except BadImage as e:
                 if stop_at_error:
-                    result.failure = f"{job.path}: {e}"
+                    result.failure = f"{path}: {e}"
                     writer.abort()
                     break
                 result.skipped.append({"path": job.rel, "reason": str(e)})
@@ -294,7 +295,7 @@ class _Progress:
 
 
 def write_shards(
-    out: Path, tasks: list[ShardTask], *, workers: int, max_pixels: int | None,
+    src: Path, out: Path, tasks: list[ShardTask], *, workers: int, max_pixels: int | None,
     max_size: int | None, on_error: str, progress: bool,
 ) -> list[ShardResult]:  # fmt: skip
     """Run every task; the results in shard order. On any error no shard of the plan is left."""
@@ -303,8 +304,8 @@ def write_shards(
     results: list[ShardResult] = []
     syncer = _Syncer(out)
     try:
-        for result in run_tasks(out, tasks, workers, max_pixels=max_pixels, max_size=max_size,
-                                stop_at_error=on_error == "fail"):
+        for result in run_tasks(out, tasks, workers, src=src, max_pixels=max_pixels,
+                                max_size=max_size, stop_at_error=on_error == "fail"):
             if result.failure:
                 raise ShardError(f"{result.failure} (--on-error fail)")
             if result.shard is not None:
@@ -353,7 +354,7 @@ def shard_folder(
                 max_count)
         ]  # fmt: skip
         spread_stats_sample(tasks, stats_images)
-        results = write_shards(out, tasks, workers=workers, max_pixels=max_pixels,
+        results = write_shards(src, out, tasks, workers=workers, max_pixels=max_pixels,
                                max_size=max_size, on_error=on_error, progress=progress)
         shards = {split: [r.shard for r in results if r.split == split and r.shard]
                   for split in SPLITS}
