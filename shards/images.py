@@ -1,6 +1,6 @@
 """Is this file an image tench can use? Decide the real format and decode every pixel.
 
-The sharder runs `check_file` once per source file (in a worker process), so nothing
+The sharder runs `check_file` once per source file (in its worker processes), so nothing
 corrupt reaches a shard: the bytes are opened by content, not by file name, fully
 decoded (`Image.load()`), and refused with a short reason when they are empty, not an
 image, truncated or corrupt, or over the decompression-bomb pixel limit. Images that
@@ -61,7 +61,7 @@ class CheckedImage:
     data: bytes
     width: int
     height: int
-    mode: str
+    mode: str  # Pillow's mode of the source (CMYK, P, I;16 ...): conversion happens at decode
     reencoded: bool
     histogram: list[int] | None  # 768 counts: R values 0-255, then G, then B
 
@@ -69,24 +69,6 @@ class CheckedImage:
 def pixel_limit(max_pixels: int | None) -> int | None:
     """The limit to apply: `max_pixels`, else Pillow's `MAX_IMAGE_PIXELS` (None: no limit)."""
     return Image.MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
-
-
-def check_files(
-    items: list[tuple[str, bool]], max_pixels: int | None, max_size: int | None
-) -> list[CheckedImage | tuple[str, str]]:
-    """The worker task: `check_file` each `(path, want_histogram)`.
-
-    Returns, per file, a `CheckedImage` or `(kind, detail)` for a file to skip (plain
-    tuples, because they cross a process boundary by pickle).
-    """
-    results: list[CheckedImage | tuple[str, str]] = []
-    for path, want_histogram in items:
-        try:
-            results.append(check_file(path, max_pixels=max_pixels, max_size=max_size,
-                                      want_histogram=want_histogram))
-        except BadImage as e:
-            results.append((e.kind, e.detail))
-    return results
 
 
 def check_file(
