@@ -4,14 +4,13 @@ The run, in order:
 1. plan (`shards.shard_plan`): list, split, label and shuffle the files, build the vocab
    from the training labels, and decide which files go in which shard. A validation label
    missing from the training vocab stops the run here, before any image is read.
-2. check and write: each worker process takes one planned shard at a time, fully decodes
-   every file of it (`shards.images`) and writes the usable ones with `ShardWriter`, under
-   a temporary name renamed when complete. Workers write in parallel; a worker holds one
-   image at a time, so memory stays flat however large SRC is.
+2. check and write (`shards.workers`): worker processes each take one planned shard at a
+   time, fully decode every file of it and write the usable ones; this process fsyncs the
+   finished shards in a background thread.
 3. `meta.json` is written last, atomically. A folder without it is an unfinished run.
 
 An error (or Ctrl-C) removes every shard of the run; a kill -9 can leave finished shards
-and hidden `.<name>.<pid>.partial` files (workers notice their parent is gone and drop
+and hidden `.<name>.<pid>.partial` files (workers notice their sharder is gone and drop
 theirs), but never `meta.json`, and `--force` clears all of them before the next run.
 """
 
@@ -19,31 +18,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import multiprocessing
 import os
 import re
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import (
-    FIRST_COMPLETED,
-    ProcessPoolExecutor,
-    ThreadPoolExecutor,
-    as_completed,
-    wait,
-)
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 from shards.atomic import TMP_SUFFIX
 from shards.blocks import TRAIN, VALID
-from shards.format import META_NAME, SPLITS, encode_info, sample_key, shard_name
-from shards.images import BadImage, check_file, pixel_limit
+from shards.format import META_NAME, SPLITS, shard_name
+from shards.images import pixel_limit
 from shards.meta import build_meta, summary_lines, write_meta
 from shards.shard_plan import (
     STATS_IMAGES,
@@ -55,28 +42,10 @@ from shards.shard_plan import (
     shard_bytes,
     spread_stats_sample,
 )
-from shards.writer import ShardInfo, ShardWriter
+from shards.workers import ShardResult, run_tasks
 
-IN_FLIGHT_PER_WORKER = 2  # shard tasks submitted per worker: the next one is always ready
-WATCH_SECONDS = 1.0  # how often an idle worker checks that the sharder is still there
 ON_ERROR = ("skip", "fail")
 _OWN_FILE = re.compile(rf"^(({'|'.join(SPLITS)})-\d{{6}}\.tar|{re.escape(META_NAME)})$")
-
-
-@dataclass
-class ShardResult:
-    """What a worker did with one `ShardTask`."""
-
-    split: str
-    index: int
-    shard: ShardInfo | None = None  # None: no usable image in the task
-    skipped: list[dict] = field(default_factory=list)
-    failure: str | None = None  # with --on-error fail: the file and the reason
-    # RGB pixel counts (R 0-255, G, B) of the training images sampled for mean/std
-    histogram: np.ndarray = field(default_factory=lambda: np.zeros(768, dtype=np.int64))
-    stats_images: int = 0  # how many images the histogram counts
-    formats: Counter = field(default_factory=Counter)
-    reencoded: int = 0
 
 
 def default_workers() -> int:
@@ -84,117 +53,6 @@ def default_workers() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
-
-
-# --- check and write, one shard per task, in worker processes ---------------------------
-
-
-def write_shard(
-    out: Path, task: ShardTask, *, src: Path, max_pixels: int | None, max_size: int | None,
-    stop_at_error: bool, parent_pid: int | None = None,
-) -> ShardResult:  # fmt: skip
-    """Check every file of `task` (full decode) and write the usable ones as one shard.
-
-    The shard is written under a temporary name and renamed when complete (`ShardWriter`).
-    With `stop_at_error` the first unusable file ends the task and no shard is left. A worker
-    whose sharder has been killed (`parent_pid` gone) drops its shard and exits.
-    """
-    result = ShardResult(task.split, task.index)
-    with ShardWriter(out, task.split, sys.maxsize, start_index=task.index,
-                     sync=False) as writer:  # `write_shards` fsyncs it, in the background
-        for job in task.jobs:
-            if parent_pid is not None and not _alive(parent_pid):
-                writer.abort()  # drop the temporary file, then stop this orphaned worker
-                os._exit(1)
-            try:
-                path = os.path.join(src, job.rel)
-                image = check_file(path, max_pixels=max_pixels, max_size=max_size,
-                                   want_histogram=result.stats_images < task.stats_images)
-            except BadImage as e:
-                if stop_at_error:
-                    result.failure = f"{path}: {e}"
-                    writer.abort()
-                    break
-                result.skipped.append({"path": job.rel, "reason": str(e)})
-                continue
-            writer.write(sample_key(job.rel), image.ext, image.data, job.label_index,
-                         encode_info(job.rel, job.label))
-            result.formats[image.ext] += 1
-            result.reencoded += image.reencoded
-            if image.histogram is not None:
-                result.histogram += image.histogram
-                result.stats_images += 1
-    result.shard = writer.shards[0] if writer.shards else None
-    return result
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """How to start workers: fork when this process runs one thread, else forkserver.
-
-    fork starts a worker in milliseconds with everything already imported, but is unsafe
-    when other threads may hold locks (a caller running Ray, a notebook); forkserver starts
-    workers from a clean single-threaded server that imports this module once (~0.5 s).
-    """
-    methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1:
-        return multiprocessing.get_context("fork")
-    if "forkserver" in methods:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["shards.sharder"])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
-def _watch_parent(pid: int) -> None:
-    """Worker start-up: exit when the sharder is gone (kill -9), rather than idle forever."""
-
-    def watch() -> None:
-        while _alive(pid):
-            time.sleep(WATCH_SECONDS)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` still exists (signal 0 checks without signalling)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def run_tasks(out: Path, tasks: list[ShardTask], workers: int, **options) -> Iterator[ShardResult]:
-    """Results of `write_shard` for every task, as they finish; `workers` processes (1: here).
-
-    At most IN_FLIGHT_PER_WORKER tasks per worker are submitted at once; each task holds
-    one image at a time, so memory stays flat whatever the size of SRC.
-    """
-    workers = min(workers, len(tasks))
-    if workers <= 1:
-        for task in tasks:
-            yield write_shard(out, task, **options)
-        return
-    pool = ProcessPoolExecutor(workers, mp_context=worker_context(),
-                               initializer=_watch_parent, initargs=(os.getpid(),))
-    # biggest shards first: the small last shard of each split fills in at the end
-    ordered = sorted(tasks, key=lambda task: sum(job.size for job in task.jobs), reverse=True)
-    try:
-        running = set()
-        for task in ordered:
-            running.add(pool.submit(write_shard, out, task, parent_pid=os.getpid(), **options))
-            if len(running) < IN_FLIGHT_PER_WORKER * workers:
-                continue
-            done, running = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
-        for future in as_completed(running):
-            yield future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --- the output folder, progress, the whole run ------------------------------------------

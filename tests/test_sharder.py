@@ -15,7 +15,8 @@ from PIL import Image
 from shards.blocks import random_splitter
 from shards.format import decode_label, read_meta, sample_key
 from shards.inspect import inspect_folder
-from shards.sharder import ShardError, shard_folder, worker_context
+from shards.sharder import ShardError, shard_folder
+from shards.workers import worker_context
 from trainer.cli import main as cli_main
 
 CLASSES = ("cat", "dog", "fish")
