@@ -212,14 +212,15 @@ def assign_shards(split: str, jobs: list[Job], max_bytes: int,
 
 
 def spread_stats_sample(tasks: list[ShardTask], images: int = STATS_IMAGES) -> None:
-    """Ask each training shard for an equal share of the `images` sampled for mean/std.
+    """Ask each training shard for its share of the `images` sampled for mean/std.
 
-    The jobs are already shuffled, so the first images of every shard are a random sample
-    of the training set; a shard counts only images it writes, so a skipped file does not
-    shrink the sample unless its shard runs out of images. Counting every pixel of every
-    image would cost ~30% of the decode time for no better estimate.
+    Shares are proportional to shard sizes (rounded up, so they add up to at least
+    `images`), and the jobs are already shuffled, so the first images of every shard are
+    a uniform random sample of the training set. A shard counts only images it writes, so
+    a skipped file shrinks the sample only if its shard runs out of images. Counting every
+    pixel of every image would cost ~30% of the decode time for no better estimate.
     """
     train = [task for task in tasks if task.split == TRAIN]
-    share = math.ceil(images / len(train)) if train else 0
+    total = sum(len(task.jobs) for task in train)
     for task in train:
-        task.stats_images = share
+        task.stats_images = math.ceil(images * len(task.jobs) / total)

@@ -182,14 +182,15 @@ def test_stats_are_the_mean_and_std_of_decoded_training_pixels(tmp_path):
 def test_stats_from_a_sample_take_the_first_images_of_every_training_shard(tmp_path):
     from pipeline.decode import decode_image
 
-    make_tree(tmp_path / "src", train=10, valid=2)
-    meta = shard_folder(tmp_path / "src", tmp_path / "out", max_count=6, stats_images=7,
+    make_tree(tmp_path / "src", train=10, valid=2)  # 30 training images
+    meta = shard_folder(tmp_path / "src", tmp_path / "out", max_count=7, stats_images=10,
                         progress=False)
     shards = meta["splits"]["train"]["shards"]
-    share = -(-7 // len(shards))  # ceil: every shard gives the same number of images
-    assert meta["stats"]["images"] == share * len(shards) >= 7
+    assert [s["count"] for s in shards] == [7, 7, 7, 7, 2]
+    shares = [-(-10 * s["count"] // 30) for s in shards]  # ceil: proportional to the shard
+    assert shares == [3, 3, 3, 3, 1] and meta["stats"]["images"] == sum(shares) >= 10
     first = []
-    for shard in shards:
+    for shard, share in zip(shards, shares, strict=True):
         with tarfile.open(tmp_path / "out" / shard["name"]) as tar:
             images = [m for m in tar.getmembers() if m.name.endswith((".jpg", ".png"))]
             first += [(tar.extractfile(m).read(), m.name[-3:]) for m in images[:share]]
