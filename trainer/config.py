@@ -1,0 +1,101 @@
+"""`FitConfig`: every setting of a training run in one frozen dataclass.
+
+Its defaults are the defaults of `tench fit`; the resolved config (the lr picked by the
+finder included) is written to `RUN_DIR/config.json` and into every checkpoint, so a run
+can be resumed with exactly the settings it started with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+OPTIMIZERS = ("sgd", "adam", "lamb", "radam", "ranger")
+
+# Settings that may change when a run is resumed: they do not change what is computed
+# (epochs is checked separately: it must stay the same for the schedule to line up).
+RUNTIME_FIELDS = frozenset({"address", "device", "resume", "force"})
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """One training run: data, model, optimizer, schedule, regularisation, where to write."""
+
+    shards: str = ""
+    out: str = ""
+    arch: str = "cnn"
+    epochs: int = 5
+    bs: int = 64
+    lr: float | None = 3e-3  # None: pick it with the LR finder (lr_find=True)
+    lr_find: bool = False
+    opt: str = "adam"
+    wd: float = 0.01
+    mom: float = 0.9  # for sgd; the one-cycle schedule then drives it (0.95 -> 0.85 -> 0.95)
+    pct_start: float = 0.25
+    one_cycle: bool = True
+    size: int = 64
+    lsuv: bool = False
+    mixup: float = 0.0  # alpha; 0 = off
+    label_smoothing: float = 0.0  # eps; 0 = plain cross-entropy
+    workers: int | None = 1  # Ray actors per stream; None = the cluster's CPUs
+    seed: int = 0
+    resume: bool = False
+    force: bool = False
+    address: str | None = None
+    device: str | None = None  # None: CUDA when present, else CPU
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.bs < 1:
+            problems.append(f"bs must be >= 1, got {self.bs}")
+        if self.size < 8:
+            problems.append(f"size must be >= 8, got {self.size}")
+        if self.lr is None and not self.lr_find:
+            problems.append("give an lr or ask for lr_find")
+        if self.lr is not None and not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.opt not in OPTIMIZERS:
+            problems.append(f"opt must be one of {', '.join(OPTIMIZERS)}, got {self.opt!r}")
+        if self.wd < 0:
+            problems.append(f"wd must be >= 0, got {self.wd}")
+        if not 0 <= self.pct_start <= 1:
+            problems.append(f"pct_start must be in [0, 1], got {self.pct_start}")
+        if self.mixup < 0:
+            problems.append(f"mixup alpha must be >= 0 (0 = off), got {self.mixup}")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.workers is not None and self.workers < 1:
+            problems.append(f"workers must be >= 1, got {self.workers}")
+        if problems:
+            raise ValueError("invalid fit config: " + "; ".join(problems))
+
+    def replace(self, **changes: Any) -> FitConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FitConfig:
+        """From `to_dict` output; unknown keys are an error (a config from another tench)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown fit config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> FitConfig:
+        return cls.from_dict(json.loads(text))
+
+    def differences(self, other: FitConfig, ignore: frozenset = RUNTIME_FIELDS) -> dict:
+        """{field: (self's value, other's value)} for fields that differ, `ignore` left out."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (mine[k], theirs[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
