@@ -59,7 +59,9 @@ def ensure_ray(address: str | None = None, object_store_memory: int | None = Non
         return False
     if address is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        ray.init(num_cpus=cpus or os.cpu_count(), include_dashboard=False,
+        # address="local": a new Ray here, even when a `ray start` cluster runs on this
+        # machine (address=None would join that one and then refuse num_cpus).
+        ray.init(address="local", num_cpus=cpus or os.cpu_count(), include_dashboard=False,
                  object_store_memory=object_store_memory, configure_logging=False)
     else:  # "auto", "ray://host:10001" or a GCS "host:6379": join, do not reconfigure
         ray.init(address=address, configure_logging=False)

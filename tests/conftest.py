@@ -12,6 +12,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join a `ray start` cluster another test left running
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

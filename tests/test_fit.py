@@ -1,0 +1,209 @@
+"""`tench fit` end to end: the run folder's files, kill -9 then --resume bit-identical to an
+uninterrupted run, vocab refusal, NaN stop that keeps the last good checkpoint.
+
+Real shards (the sample set), real Ray actors, real training processes killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shards.sample import make_sample
+from shards.sharder import shard_folder
+from trainer import cli
+from trainer.callbacks import CheckpointError, NonFiniteLossError, ParamScheduler, load_checkpoint
+from trainer.config import FitConfig
+from trainer.fit import close_streams, make_learner, make_streams, run_callbacks, run_fit
+from trainer.schedules import combine_scheds, sched_no
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 6
+# Small batches: enough of them per epoch that the kill lands inside an epoch.
+FIT_ARGS = ["--arch", "cnn", "--epochs", str(EPOCHS), "--bs", "4", "--size", "32",
+            "--workers", "1", "--seed", "3", "--opt", "adam", "--lr", "3e-3"]
+RUN_FILES = {"config.json", "metrics.json", "metrics.csv", "last.pt", "model.pt", "loss.png",
+             "schedule.png"}
+
+
+def tench(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Own process group: after a kill -9 of the driver, Ray helpers it started are reaped
+    # with os.killpg (see kill_group).
+    return subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fit")
+    make_sample(root / "images", per_class=6, valid_per_class=2, seed=0)
+    shard_folder(root / "images", root / "shards", workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def full_run(data):
+    """One uninterrupted `tench fit` process (the reference for the resume test)."""
+    run = data / "full"
+    code, out, err = finish(tench("fit", str(data / "shards"), "--out", str(run), *FIT_ARGS))
+    assert code == 0, err
+    return run, out
+
+
+def test_fit_writes_the_run_folder(data, full_run):
+    run, out = full_run
+    assert {p.name for p in run.iterdir()} >= RUN_FILES
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temp files left
+    config = FitConfig.from_json((run / "config.json").read_text())
+    assert (config.arch, config.epochs, config.bs, config.size, config.seed, config.lr) == (
+        "cnn", EPOCHS, 4, 32, 3, 3e-3)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics] == list(range(EPOCHS))
+    for row in metrics:
+        assert {"epoch", "train_loss", "valid_loss", "accuracy", "seconds"} <= set(row)
+        assert 0 <= row["accuracy"] <= 1 and row["train_loss"] > 0 and row["seconds"] > 0
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]  # it learns something
+    assert "valid_loss" in out and "done: 6 epochs" in out  # the table and the summary
+
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["epoch"] == EPOCHS - 1 and last["config"] == config.to_dict()
+    model = torch.load(run / "model.pt", weights_only=True)
+    assert {"arch", "n_classes", "state_dict", "vocab", "vocab_fingerprint", "stats", "size",
+            "format_version"} <= set(model)
+    meta = json.loads((data / "shards" / "meta.json").read_text())
+    assert model["vocab"] == meta["vocab"] and model["vocab_fingerprint"] == last[
+        "vocab_fingerprint"] == meta["vocab_fingerprint"]
+    assert model["stats"] == {"mean": meta["stats"]["mean"], "std": meta["stats"]["std"]}
+    assert state_equal(model["state_dict"], last["model"])
+
+
+def test_predict_prints_a_class_and_probability_per_image(data, full_run):
+    run, _ = full_run
+    images = sorted((data / "images" / "val").glob("*/*"))[:3]
+    code, out, err = finish(tench("predict", str(run), *map(str, images)))
+    assert code == 0, err
+    vocab = json.loads((data / "shards" / "meta.json").read_text())["vocab"]
+    lines = out.strip().splitlines()
+    assert len(lines) == 3
+    for line, image in zip(lines, images, strict=True):
+        path, label, prob = line.split("\t")
+        assert path == str(image) and label in vocab and 0 <= float(prob) <= 1
+
+    bad = data / "not_an_image.jpg"
+    bad.write_bytes(b"not a jpeg")
+    code, out, err = finish(tench("predict", str(run), str(images[0]), str(bad)))
+    assert code == 1 and str(bad) in err and "not a usable image" in err
+    assert out.startswith(str(images[0]))  # the good one is still predicted
+
+
+def test_fit_refuses_a_non_empty_run_folder(data, full_run, capsys):
+    run, _ = full_run
+    before = (run / "last.pt").read_bytes()
+    code = cli.main(["fit", str(data / "shards"), "--out", str(run), *FIT_ARGS])
+    assert code == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_resume_after_kill_9_is_bit_identical(data, full_run):
+    full, _ = full_run
+    run = data / "killed"
+    proc = tench("fit", str(data / "shards"), "--out", str(run), *FIT_ARGS)
+    deadline = time.monotonic() + 120
+    try:
+        while not (run / "last.pt").exists():  # appears atomically after epoch 0
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)  # the training process only, mid-epoch
+        proc.communicate()
+    finally:
+        kill_group(proc)  # then the Ray helpers it leaves orphaned
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = load_checkpoint(run / "last.pt")["epoch"]
+    assert killed_at < EPOCHS - 1 and not (run / "model.pt").exists()  # it died mid-run
+
+    code, out, err = finish(tench("fit", str(data / "shards"), "--out", str(run), "--resume"))
+    assert code == 0, err
+    resumed = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    reference = torch.load(full / "model.pt", weights_only=True)["state_dict"]
+    assert state_equal(resumed, reference)
+    losses = [(r["epoch"], r["train_loss"], r["valid_loss"])
+              for r in json.loads((run / "metrics.json").read_text())]
+    assert losses == [(r["epoch"], r["train_loss"], r["valid_loss"])
+                      for r in json.loads((full / "metrics.json").read_text())]
+
+
+def test_resume_refuses_a_checkpoint_from_other_shards(data, full_run, capsys):
+    other = data / "other_images"
+    shutil.copytree(data / "images", other)
+    for split in ("train", "val"):
+        shutil.rmtree(other / split / "star")  # nine classes: another vocab
+    shard_folder(other, data / "other_shards", workers=1, progress=False)
+    run = data / "copied_run"
+    shutil.copytree(full_run[0], run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    config = FitConfig(shards=str(data / "other_shards"), out=str(run), resume=True)
+    with pytest.raises(CheckpointError, match="different label vocab"):
+        run_fit(config)
+    code = cli.main(["fit", str(data / "other_shards"), "--out", str(run), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "different label vocab" in err and "last.pt" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing touched
+
+
+def test_a_diverging_lr_stops_the_cli_with_a_clear_message(data, ray_local, capsys):
+    run = data / "diverged"
+    code = cli.main(["fit", str(data / "shards"), "--out", str(run), *FIT_ARGS[:-4],
+                     "--opt", "sgd", "--lr", "1e6"])
+    err = capsys.readouterr().err
+    assert code == 1 and "training diverged" in err and "lower learning rate" in err
+    assert not (run / "model.pt").exists()
+
+
+def test_nan_mid_run_keeps_the_last_good_checkpoint(data, ray_local):
+    """Epoch 0 trains at a sane lr, then the lr jumps to 1e6 and the loss turns NaN."""
+    run = data / "nan_run"
+    config = FitConfig(shards=str(data / "shards"), out=str(run), epochs=3, bs=16, size=32,
+                       workers=1, opt="sgd", lr=1e-2)
+    streams = make_streams(config)
+    try:
+        learn = make_learner(config, streams, run, is_main=False)
+        learn.add_cbs(run_callbacks(config, run, streams.train.vocab))
+        jump = combine_scheds([1 / 3, 2 / 3], [sched_no(1e-2), sched_no(1e6)])
+        with pytest.raises(NonFiniteLossError, match="at epoch 1"):
+            learn.fit(3, cbs=[ParamScheduler({"lr": jump})])
+    finally:
+        close_streams(streams)
+    ckpt = load_checkpoint(run / "last.pt", streams.train.vocab.fingerprint)
+    assert ckpt["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert [r["epoch"] for r in json.loads((run / "metrics.json").read_text())] == [0]
