@@ -1,0 +1,157 @@
+"""Training loop overhead and end-to-end throughput: tench's Learner vs a bare PyTorch loop.
+
+1. ms per training batch, same model, optimizer and batches pre-loaded in memory:
+   the Learner with `tench fit`'s callbacks (device, normalise, stats, NaN guard, recorder,
+   one-cycle schedule; progress bars off) vs a hand-written loop doing the same maths.
+2. images/s end to end: `run_fit` (ShardStream + Learner + checkpoints) vs the bare loop
+   fed by the same ShardStream, to show the stream keeps up.
+
+    .venv/bin/python bench/train_bench.py [--shards DIR] [--per-class 100] [--size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from shards.sample import make_sample
+from shards.sharder import shard_folder
+from trainer.callbacks import ParamScheduler, Recorder
+from trainer.config import FitConfig
+from trainer.fit import close_streams, make_learner, make_opt_func, make_streams, run_fit
+from trainer.learner import DataPair
+from trainer.models import create_model
+from trainer.schedules import one_cycle
+
+
+class InMemory(list):
+    """Pre-loaded batches, with the vocab and stats `make_learner` reads from a stream."""
+
+
+def bare_valid(model, batches, mean, std) -> None:
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            x = batch.images.contiguous(memory_format=torch.channels_last).float()
+            F.cross_entropy(model(x.sub_(mean).div_(std)), batch.labels)
+
+
+def bare_epoch(model, opt, batches, mean, std, sched, pos0, n_total) -> None:
+    """The same work as the Learner's training pass, written by hand."""
+    model.train()
+    for i, batch in enumerate(batches):
+        pos = (pos0 + i) / n_total
+        for group in opt.param_groups:
+            group["lr"], group["mom"] = sched["lr"](pos), sched["mom"](pos)
+        x = batch.images.contiguous(memory_format=torch.channels_last).float()
+        x = x.sub_(mean).div_(std)
+        loss = F.cross_entropy(model(x), batch.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def time_in_memory(config: FitConfig, streams: DataPair, n_batches: int, rounds: int):
+    batches = InMemory(b for _, b in zip(range(n_batches), streams.train, strict=False))
+    batches.vocab, batches.stats = streams.train.vocab, streams.train.stats
+    stats = streams.train.stats
+    mean = torch.tensor([m * 255 for m in stats["mean"]]).view(1, 3, 1, 1)
+    std = torch.tensor([s * 255 for s in stats["std"]]).view(1, 3, 1, 1)
+    sched = one_cycle(config.lr)
+    results = {"learner": [], "bare": []}
+    for _ in range(rounds):  # interleaved, best of `rounds`
+        learn = make_learner(config, DataPair(batches, None), is_main=False)
+        learn.add_cbs([Recorder()])
+        learn.fit(1, cbs=[ParamScheduler(sched)])  # warm-up (allocations, first-call costs)
+        start = time.perf_counter()
+        learn.fit(1, cbs=[ParamScheduler(sched)])
+        results["learner"].append((time.perf_counter() - start) / len(batches) * 1000)
+
+        torch.manual_seed(config.seed)
+        model = create_model(config.arch, len(streams.train.vocab)).to(
+            memory_format=torch.channels_last)
+        opt = make_opt_func(config)(model.parameters(), lr=config.lr)
+        bare_epoch(model, opt, batches, mean, std, sched, 0, len(batches))
+        start = time.perf_counter()
+        bare_epoch(model, opt, batches, mean, std, sched, 0, len(batches))
+        results["bare"].append((time.perf_counter() - start) / len(batches) * 1000)
+    return {k: min(v) for k, v in results.items()}
+
+
+def end_to_end(config: FitConfig, streams: DataPair, epochs: int) -> dict:
+    # Per epoch: one training and one validation pass, in both loops.
+    n_images = (streams.train.num_samples + streams.valid.num_samples) * epochs
+    run_dir = Path(tempfile.mkdtemp(prefix="train_bench_"))
+    try:
+        summary = run_fit(config.replace(out=str(run_dir / "run"), epochs=epochs))
+        fit_s = sum(r["seconds"] for r in json.loads(
+            (run_dir / "run" / "metrics.json").read_text()))
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    stats = streams.train.stats
+    mean = torch.tensor([m * 255 for m in stats["mean"]]).view(1, 3, 1, 1)
+    std = torch.tensor([s * 255 for s in stats["std"]]).view(1, 3, 1, 1)
+    torch.manual_seed(config.seed)
+    model = create_model(config.arch, len(streams.train.vocab)).to(
+        memory_format=torch.channels_last)
+    opt = make_opt_func(config)(model.parameters(), lr=config.lr)
+    sched = one_cycle(config.lr)
+    n = len(streams.train)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        streams.train.set_epoch(epoch)
+        bare_epoch(model, opt, streams.train, mean, std, sched, epoch * n, epochs * n)
+        bare_valid(model, streams.valid, mean, std)
+    bare_s = time.perf_counter() - start
+    return {"fit_images_s": n_images / fit_s, "bare_images_s": n_images / bare_s,
+            "fit_total_s": summary["seconds"], "accuracy": summary["accuracy"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=Path, default=None)
+    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--bs", type=int, default=64)
+    parser.add_argument("--arch", default="cnn")
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="train_bench_data_"))
+    try:
+        shards = args.shards
+        if shards is None:
+            make_sample(tmp / "images", per_class=args.per_class, seed=0)
+            shard_folder(tmp / "images", tmp / "shards", workers=2, progress=False)
+            shards = tmp / "shards"
+        config = FitConfig(shards=str(shards), arch=args.arch, bs=args.bs, size=args.size,
+                           lr=1e-2, workers=1, device="cpu")
+        streams = make_streams(config)
+        try:
+            mem = time_in_memory(config, streams, args.batches, args.rounds)
+            e2e = end_to_end(config, streams, args.epochs)
+        finally:
+            close_streams(streams)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\n{args.arch}, {args.size}px, bs {args.bs}, {torch.get_num_threads()} torch threads, "
+          f"best of {args.rounds}")
+    print(f"{'':32}{'tench Learner':>15}{'bare loop':>12}{'ratio':>8}")
+    print(f"{'ms / batch (in memory)':32}{mem['learner']:>15.1f}{mem['bare']:>12.1f}"
+          f"{mem['learner'] / mem['bare']:>8.3f}")
+    print(f"{'images/s (stream, train+valid)':32}{e2e['fit_images_s']:>15.0f}"
+          f"{e2e['bare_images_s']:>12.0f}{e2e['bare_images_s'] / e2e['fit_images_s']:>8.3f}")
+    print(f"tench fit: {args.epochs} epochs in {e2e['fit_total_s']:.1f}s with start-up, "
+          f"validation and checkpoints; accuracy {e2e['accuracy']:.1%}")
+
+
+if __name__ == "__main__":
+    main()
