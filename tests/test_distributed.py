@@ -1,0 +1,124 @@
+"""Data-parallel `tench fit` on a real 3-node Ray cluster (head + 2 workers, all on 127.0.0.1).
+
+Each scenario runs in its own process (`tests/cluster_scenarios.py`), so this session's
+shared Ray (`ray_local`) is left alone. The oracle for DDP is a single-process Learner fed
+the very batches the two workers saw, concatenated step by step (the same global batch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.batch import Batch
+from shards.format import read_meta
+from shards.vocab import Vocab
+from trainer.config import FitConfig
+from trainer.fit import make_learner, schedule_callbacks
+from trainer.learner import DataPair
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "tests" / "cluster_scenarios.py"
+
+
+def run_scenario(name: str, work: Path, timeout: float = 300) -> tuple[dict, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.run([sys.executable, str(SCENARIOS), name, str(work)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):]), output
+
+
+def load_records(folder: Path, epoch: int, world_size: int) -> list[list]:
+    return [torch.load(folder / f"epoch{epoch}-rank{r}.pt", weights_only=True)
+            for r in range(world_size)]
+
+
+class ListStream:
+    """Recorded batches replayed per epoch, with the attributes `make_learner` reads."""
+
+    def __init__(self, per_epoch: dict[int, list[Batch]], vocab: Vocab, stats: dict):
+        self.per_epoch, self.vocab, self.stats, self.epoch = per_epoch, vocab, stats, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.per_epoch[self.epoch])
+
+    def __iter__(self):
+        return iter(self.per_epoch[self.epoch])
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    work = tmp_path_factory.mktemp("dp")
+    return run_scenario("two_workers", work)
+
+
+def test_every_sample_once_per_epoch_across_workers(two_workers):
+    result, output = two_workers
+    meta = read_meta(result["shards"])
+    n_train = meta["splits"]["train"]["count"]
+    record = Path(result["record"])
+    for epoch in range(2):
+        ranks = load_records(record, epoch, 2)
+        keys = [[k for _, _, ks in batches for k in ks] for batches in ranks]
+        assert len(keys[0]) == len(keys[1]) == n_train // 2  # equal parts
+        assert not set(keys[0]) & set(keys[1])  # disjoint
+        assert len(set(keys[0]) | set(keys[1])) == n_train  # together: every sample once
+        assert [len(b[2]) for b in ranks[0]] == [len(b[2]) for b in ranks[1]]  # same steps
+    # only rank 0 prints the table: one header row per fit in the output, from one pid
+    header_pids = {line.split("pid=")[1].split(")")[0] for line in output.splitlines()
+                   if "train_loss" in line and "epoch" in line and "pid=" in line
+                   and "Reporting" not in line}
+    assert len(header_pids) == 1
+    run = Path(result["summary"]["run_dir"])
+    history = json.loads((run / "metrics.json").read_text())
+    assert [row["epoch"] for row in history] == [0, 1]
+
+
+def test_two_workers_equal_one_worker_with_the_global_batch(two_workers):
+    result, _ = two_workers
+    run = Path(result["summary"]["run_dir"])
+    config = FitConfig.from_json((run / "config.json").read_text())
+    meta = read_meta(result["shards"])
+    record = Path(result["record"])
+    per_epoch = {}
+    for epoch in range(config.epochs):
+        ranks = load_records(record, epoch, 2)
+        per_epoch[epoch] = [
+            Batch(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]), a[2] + b[2])
+            for a, b in zip(ranks[0], ranks[1], strict=True)]
+    stream = ListStream(per_epoch, Vocab.from_json(meta), meta["stats"])
+    single = config.replace(bs=2 * config.bs, device="cpu")
+    learn = make_learner(single, DataPair(stream, None), None, is_main=False)
+    learn.fit(single.epochs, cbs=schedule_callbacks(single))
+    trained = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    reference = learn.model.state_dict()
+    assert trained.keys() == reference.keys()
+    start = make_learner(single, DataPair(stream, None), None, is_main=False).model.state_dict()
+    assert sum(not torch.equal(start[k], v) for k, v in reference.items()) >= 4  # it trained
+    for name, value in reference.items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_killed_worker_is_recovered_from_the_last_checkpoint(tmp_path):
+    result, output = run_scenario("kill_worker", tmp_path)
+    assert result["killed"]
+    assert "resuming from the checkpoint of epoch 0; epoch 1 is redone" in output
+    history = json.loads((Path(result["summary"]["run_dir"]) / "metrics.json").read_text())
+    assert [row["epoch"] for row in history] == [0, 1]
+    # the redone epoch still sees every training sample exactly once
+    meta = read_meta(result["shards"])
+    ranks = load_records(Path(result["record"]), 1, 2)
+    keys = [k for batches in ranks for _, _, ks in batches for k in ks]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == meta["splits"]["train"]["count"]
