@@ -100,6 +100,30 @@ def start_cluster():
     return cluster, nodes
 
 
+def submit(work: Path, shards: Path, address: str) -> dict:
+    """Run trainer/submit.py as `ray submit` does on the head node: the file alone, copied to
+    a temporary folder, run from there with RAY_ADDRESS set (tench from the installed package).
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    import trainer
+
+    script = Path(trainer.__file__).parent / "submit.py"
+    with tempfile.TemporaryDirectory(prefix="ray-submit-") as folder:
+        copied = Path(shutil.copy(script, folder))
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["RAY_ADDRESS"] = address
+        out = work / "run_submit"
+        proc = subprocess.run(
+            [sys.executable, copied.name, str(shards), "--out", str(out), "--workers-per-node",
+             "1", "--arch", "cnn", "--epochs", "1", "--bs", "6", "--size", "32"],
+            cwd=folder, env=env, capture_output=True, text=True, timeout=240)
+    return {"returncode": proc.returncode, "stdout": proc.stdout[-3000:],
+            "stderr": proc.stderr[-3000:], "run_dir": str(out), "nodes": 3}
+
+
 def main(scenario: str, work: Path) -> None:
     from trainer.distributed import ClusterOptions, run_distributed
 
@@ -122,6 +146,8 @@ def main(scenario: str, work: Path) -> None:
                                       spread2,
                                       RecordAndKill(str(record), str(marker)))
             result.update(summary=summary, record=str(record), killed=marker.is_file())
+        elif scenario == "submit":
+            result.update(submit(work, shards, cluster.address))
         else:
             raise SystemExit(f"unknown scenario {scenario}")
     finally:

@@ -262,3 +262,64 @@ def run_distributed(config: FitConfig, options: ClusterOptions,
         "seconds": round(time.perf_counter() - start_time, 3),
         "checkpoint": result.checkpoint.path,
     }
+
+
+# ----------------------------------------------------------------------------- the CLI
+def add_cluster_arguments(parser) -> None:
+    """The options `tench fit` (and `trainer/submit.py`) add for data-parallel training."""
+    group = parser.add_argument_group("data-parallel training on a Ray cluster")
+    group.add_argument("--num-workers", type=int, default=None, metavar="N",
+                       help="training processes in all (Ray Train workers); off by default")
+    group.add_argument("--workers-per-node", type=int, default=None, metavar="K",
+                       help="training processes per node (per GPU node with --gpu); "
+                            "the total follows the nodes alive at the start")
+    group.add_argument("--gpu", action="store_true", help="one GPU per training process")
+    group.add_argument("--cpus-per-worker", type=float, default=1.0,
+                       help="CPUs each training process holds (default 1)")
+    group.add_argument("--storage", default=None, metavar="PATH_OR_URL",
+                       help="Ray Train checkpoint storage every node reaches: a shared folder "
+                            "or s3://bucket/path (default RUN_DIR/ray, one machine only)")
+    group.add_argument("--max-failures", type=int, default=3,
+                       help="restarts after a worker or node failure (default 3)")
+
+
+def wants_cluster(args) -> bool:
+    return bool(getattr(args, "num_workers", None) or getattr(args, "workers_per_node", None))
+
+
+def count_nodes(use_gpu: bool) -> int:
+    """Alive nodes that can host a training process (with a GPU when `use_gpu`)."""
+    import ray
+
+    kind = "GPU" if use_gpu else "CPU"
+    return sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get(kind, 0) > 0)
+
+
+def cluster_options_from_args(args) -> ClusterOptions:
+    num_workers = args.num_workers
+    if num_workers is None:
+        nodes = count_nodes(args.gpu)
+        if nodes == 0:
+            raise FitError("no node of the cluster has a " + ("GPU" if args.gpu else "CPU"))
+        num_workers = args.workers_per_node * nodes
+    return ClusterOptions(num_workers=num_workers, use_gpu=args.gpu,
+                          cpus_per_worker=args.cpus_per_worker, storage=args.storage,
+                          max_failures=args.max_failures)
+
+
+def main_distributed(config: FitConfig, args) -> int:
+    """`tench fit ... --num-workers N` / `--workers-per-node K`: train on the cluster."""
+    from pipeline.stream import ensure_ray
+
+    ensure_ray(config.address)  # join first: --workers-per-node counts the nodes
+    options = cluster_options_from_args(args)
+    print(f"tench fit: {options.num_workers} data-parallel workers "
+          f"({'GPU' if options.use_gpu else 'CPU'}), global batch "
+          f"{options.num_workers * config.bs}", flush=True)
+    summary = run_distributed(config, options)
+    accuracy = summary["accuracy"]
+    accuracy_text = "n/a" if accuracy is None else f"{accuracy:.1%}"
+    print(f"done: {summary['epochs']} epochs on {options.num_workers} workers in "
+          f"{summary['seconds']:.1f}s, validation accuracy {accuracy_text}; model in "
+          f"{summary['model']}", flush=True)
+    return 0

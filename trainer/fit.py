@@ -305,6 +305,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start over in a non-empty RUN_DIR (replaces tench's files there)")
     parser.add_argument("--address", default=s, help="Ray cluster to join (e.g. auto)")
     parser.add_argument("--device", default=s, help="cpu, cuda, cuda:1 (default: CUDA if present)")
+    from trainer.distributed import add_cluster_arguments  # --num-workers etc. (Ray Train)
+
+    add_cluster_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> FitConfig:
@@ -324,6 +327,10 @@ def config_from_args(args: argparse.Namespace) -> FitConfig:
 def main(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
+        if getattr(args, "num_workers", None) or getattr(args, "workers_per_node", None):
+            from trainer.distributed import main_distributed  # data-parallel on Ray Train
+
+            return main_distributed(config, args)
         summary = run_fit(config)
     except NonFiniteLossError as e:
         print(f"tench fit: training diverged: {e}", file=sys.stderr)
