@@ -125,10 +125,17 @@ def submit(work: Path, shards: Path, address: str) -> dict:
 
 
 def main(scenario: str, work: Path) -> None:
+    from tests.shard_fixtures import serve_s3
     from trainer.distributed import ClusterOptions, run_distributed
 
     spread2 = ClusterOptions(num_workers=2, max_failures=2, placement="SPREAD")
     shards = make_shards(work)
+    s3 = serve_s3(shards)
+    s3_url, options = s3.__enter__()
+    # credentials and endpoint "from the usual environment", set before the nodes start so
+    # every raylet, worker and stream actor inherits them
+    os.environ.update(AWS_ACCESS_KEY_ID=options["key"], AWS_SECRET_ACCESS_KEY=options["secret"],
+                      AWS_ENDPOINT_URL=options["endpoint_url"], AWS_DEFAULT_REGION="us-east-1")
     cluster, _ = start_cluster()
     base = FitConfig(shards=str(shards), arch="cnn_nobn", epochs=2, bs=8, lr=3e-3, size=32,
                      workers=1, opt="adam")
@@ -139,6 +146,9 @@ def main(scenario: str, work: Path) -> None:
             summary = run_distributed(base.replace(out=str(work / "run2")),
                                       spread2, Recorder(str(record)))
             result.update(summary=summary, record=str(record))
+            from_s3 = run_distributed(base.replace(out=str(work / "run_s3"), shards=s3_url),
+                                      spread2)
+            result.update(s3_summary=from_s3, s3_url=s3_url)
         elif scenario == "kill_worker":
             record = work / "record_kill"
             marker = work / "killed.txt"
@@ -155,6 +165,7 @@ def main(scenario: str, work: Path) -> None:
 
         ray.shutdown()
         cluster.shutdown()
+        s3.__exit__(None, None, None)
     print("RESULT " + json.dumps(result, default=str), flush=True)
 
 
