@@ -207,3 +207,18 @@ def test_nan_mid_run_keeps_the_last_good_checkpoint(data, ray_local):
     assert ckpt["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert [r["epoch"] for r in json.loads((run / "metrics.json").read_text())] == [0]
+
+
+def test_a_last_training_batch_of_one_is_dropped_not_a_batchnorm_crash(data, ray_local):
+    """60 training images at bs 59 would end each epoch on one sample, which BatchNorm refuses."""
+    config = FitConfig(shards=str(data / "shards"), out=str(data / "bs59"), epochs=1, bs=59,
+                       size=32, workers=1, opt="adam", lr=1e-3)
+    streams = make_streams(config)
+    try:
+        assert streams.train.num_samples == 60 and len(streams.train) == 1
+        assert [len(b) for b in streams.valid] == [20]  # validation keeps every sample
+        learn = make_learner(config, streams, None, is_main=False)
+        learn.fit(1)  # raised "Expected more than 1 value per channel" before
+        assert len(learn.history) == 1
+    finally:
+        close_streams(streams)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.plan import samples_per_rank
 from pipeline.source import ShardSource
 from pipeline.stream import ShardStream
 from shards.atomic import atomic_open, atomic_write_text
@@ -91,6 +92,11 @@ def make_streams(config: FitConfig, rank: int = 0, world_size: int = 1) -> DataP
     except BaseException:
         train.close()
         raise
+    # A last training batch of one sample breaks BatchNorm ("Expected more than 1 value per
+    # channel"): drop that one sample from training epochs rather than crash at the epoch's end.
+    if samples_per_rank(train.num_samples, world_size, False) % config.bs == 1 \
+            and len(train) > train.num_actors:
+        train.drop_last = True
     return DataPair(train, valid)
 
 
