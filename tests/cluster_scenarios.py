@@ -137,7 +137,7 @@ def main(scenario: str, work: Path) -> None:
     os.environ.update(AWS_ACCESS_KEY_ID=options["key"], AWS_SECRET_ACCESS_KEY=options["secret"],
                       AWS_ENDPOINT_URL=options["endpoint_url"], AWS_DEFAULT_REGION="us-east-1")
     cluster, _ = start_cluster()
-    base = FitConfig(shards=str(shards), arch="cnn_nobn", epochs=2, bs=8, lr=3e-3, size=32,
+    base = FitConfig(shards=str(shards), arch="cnn_nobn", epochs=2, bs=7, lr=3e-3, size=32,
                      workers=1, opt="adam")
     result: dict = {"shards": str(shards)}
     try:
