@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import cores
+
 # Assumed H100 training throughput at 128 px, images/s (bf16, channels_last, one GPU):
 # xresnet50 ~ ResNet-50 at 224 px runs ~3,000 img/s on an H100 with AMP; at 128 px the
 # work is (128/224)^2 = 0.33x, so ~9,000 img/s. The course CNN (5 small conv layers) is
@@ -81,7 +83,7 @@ def main() -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
-    print(f"\nlocal cluster: head (1 CPU) + 2 nodes (2 CPUs each) on a {_cores()}-core machine, "
+    print(f"\nlocal cluster: head (1 CPU) + 2 nodes (2 CPUs each) on a {cores()}-core machine, "
           f"{args.size} px, {args.per_class * 10} training images\n")
     print("| what | images/s | vs 1 |\n|---|---:|---:|")
     for a, rate in streams.items():
@@ -94,12 +96,6 @@ def main() -> None:
     print("| model on one H100 (assumed img/s at 128 px) | CPU cores to feed it |\n|---|---:|")
     for name, need in H100_IMAGES_PER_S.items():
         print(f"| {name} ({need:,}) | {need / per_core:,.0f} |")
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
 
 
 if __name__ == "__main__":

@@ -45,13 +45,11 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import cores, tree_memory  # noqa: E402
+
 SHARD_BYTES = 4_000_000  # the hand loop's shards: about the size tench picks for this set
 METHODS = ("tench-1", "tench-all", "hand-loop", "tar-cf", "tench-1-4x", "tench-all-4x",
            "hand-loop-4x", "tench-all-px")
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 # ---------------------------------------------------------------------- data
@@ -197,31 +195,6 @@ def child(method: str, work: Path) -> dict:
 
 
 # ---------------------------------------------------------------------- the parent
-def pss(proc: psutil.Process) -> int:
-    """Proportional set size: shared pages (fork's copy-on-write, libraries) counted once
-    over the processes sharing them, so a sum over a tree is its real footprint."""
-    try:
-        with open(f"/proc/{proc.pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return proc.memory_info().rss  # no smaps_rollup (not Linux): RSS, which over-counts
-
-
-def tree_memory(proc: psutil.Process) -> int:
-    total = 0
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):  # a worker may exit while we look
-            total += pss(p)
-    return total
-
-
 def measure(method: str, work: Path) -> dict:
     """Run one method in a fresh process: its result, peak tree RSS and CPU seconds."""
     if method == "tar-cf":
@@ -239,7 +212,7 @@ def measure(method: str, work: Path) -> dict:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        peak = max(peak, tree_memory(ps))
+        peak = max(peak, tree_memory(ps)[1])  # PSS: forked workers counted once
         time.sleep(0.02)
     wall = time.perf_counter() - t
     proc.returncode = os.waitstatus_to_exitcode(status)

@@ -22,7 +22,6 @@ summed over the process tree (driver, workers, raylet, object store), sampled ev
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -37,13 +36,11 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import cores, tree_memory  # noqa: E402
+
 BATCH, SIZE = 64, 128
 METHODS = ("decode-1", "decode-all", "imagefolder", "webloader", "raydata", "shardstream",
            "shardstream-4x")
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 # ---------------------------------------------------------------------- data
@@ -255,24 +252,6 @@ def child(method: str, work: Path, epochs: int) -> dict:
 
 
 # ---------------------------------------------------------------------- the parent
-def tree_memory(proc: psutil.Process) -> tuple[int, int]:
-    """(RSS, PSS) summed over `proc` and its descendants.
-
-    RSS counts shared pages (torch's libraries, Ray's object store) once per process that
-    maps them; PSS splits them between those processes, so it adds up to the real use.
-    """
-    rss = pss = 0
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0, 0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):  # a worker may exit while we look
-            info = p.memory_full_info()
-            rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
-    return rss, pss
-
-
 def measure(method: str, work: Path, epochs: int) -> dict:
     """Run one loader in a fresh process; its JSON result plus the tree's peak RSS."""
     cmd = [sys.executable, __file__, "--child", method, "--work", str(work),
