@@ -3,10 +3,11 @@
     .venv/bin/python bench/scale_bench.py [--per-class 30] [--size 128]
 
 Starts `ray.cluster_utils.Cluster` (a head and two worker nodes on 127.0.0.1), then measures
-images/s of `ShardStream` with 1, 2 and 4 actors, and of data-parallel `tench fit`
-(`run_distributed`, course CNN) with 1 and 2 Ray Train workers (second epoch, so start-up
-is not counted). From the one-actor rate (about one core's decode + augment rate) it
-prints the cores per GPU needed to feed an H100 at assumed training throughputs.
+images/s of `ShardStream` with 1, 2 and 4 actors spread over the nodes (`placement="spread"`),
+and of data-parallel `tench fit` (`run_distributed`, course CNN) with 1 and 2 Ray Train
+workers (second epoch, so start-up is not counted). From the one-actor rate (about one
+core's decode + augment rate) it prints the cores per GPU needed to feed an H100 at
+assumed training throughputs.
 """
 
 from __future__ import annotations
@@ -26,18 +27,21 @@ from common import cores
 H100_IMAGES_PER_S = {"course cnn": 50_000, "xresnet50": 9_000}
 
 
-def stream_rate(shards: str, actors: int, size: int, rounds: int = 2) -> float:
+def stream_rate(shards: str, actors: int, size: int, rounds: int = 2) -> tuple[float, int]:
+    """(best images/s, nodes the actors ran on) with `actors` actors spread over the nodes."""
     from pipeline.stream import ShardStream
 
-    with ShardStream(shards, "train", batch_size=64, size=size, num_actors=actors) as stream:
+    with ShardStream(shards, "train", batch_size=64, size=size, num_actors=actors,
+                     placement="spread") as stream:
         next(iter(stream))  # actors started and warm
+        nodes = len(set(stream.actor_nodes()))
         best = 0.0
         for _ in range(rounds):
             start, n = time.perf_counter(), 0
             for batch in stream:
                 n += len(batch.keys)
             best = max(best, n / (time.perf_counter() - start))
-    return best
+    return best, nodes
 
 
 def fit_rate(shards: str, out: str, workers: int, size: int) -> float:
@@ -86,12 +90,14 @@ def main() -> None:
     print(f"\nlocal cluster: head (1 CPU) + 2 nodes (2 CPUs each) on a {cores()}-core machine, "
           f"{args.size} px, {args.per_class * 10} training images\n")
     print("| what | images/s | vs 1 |\n|---|---:|---:|")
-    for a, rate in streams.items():
-        print(f"| ShardStream, {a} actor(s) | {rate:,.0f} | {rate / streams[1]:.2f}x |")
+    one = streams[1][0]
+    for a, (rate, nodes) in streams.items():
+        print(f"| ShardStream, {a} actor(s) spread over {nodes} node(s) | {rate:,.0f} | "
+              f"{rate / one:.2f}x |")
     for w, rate in fits.items():
         print(f"| tench fit (cnn, CPU), {w} Ray Train worker(s) | {rate:,.0f} | "
               f"{rate / fits[1]:.2f}x |")
-    per_core = streams[1]
+    per_core = one
     print(f"\nsingle-core decode + augment rate (1 actor): {per_core:,.0f} images/s\n")
     print("| model on one H100 (assumed img/s at 128 px) | CPU cores to feed it |\n|---|---:|")
     for name, need in H100_IMAGES_PER_S.items():

@@ -99,6 +99,11 @@ class ShardReader:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def start(self, task: ActorTask, seed: int, epoch: int, token: str,
               skip_batches: int = 0) -> int:
         """Begin (or, after a restart, resume) a task; `next_batch(token)` then walks it."""

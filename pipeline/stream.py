@@ -48,6 +48,7 @@ from shards.vocab import Vocab
 log = logging.getLogger(__name__)
 
 RESTART_WAIT_S = 60.0  # how long to wait for Ray to bring a crashed actor back
+PLACEMENTS = ("local", "spread")
 
 
 def ensure_ray(address: str | None = None, object_store_memory: int | None = None) -> bool:
@@ -156,6 +157,10 @@ class ShardStream:
     - `num_actors`: default the cluster's CPUs // `world_size`. `actor_cpus=None` reserves
       no CPU while they run (Ray's actor default), so a train and a valid stream coexist.
     - `address`: None starts Ray here if it is not running; "auto" or "ray://..." joins.
+    - `placement`: "local" (default) puts the actors on this process's node when it has
+      room, so batches never cross the network; "spread" deals them round-robin over the
+      cluster's nodes with CPUs (this one first), for a reader whose own node has too few
+      CPUs to decode.
     - `on_error`: "fail" raises `ShardReadError` naming the shard; "skip" leaves out what
       cannot be read, logs a warning, counts it in `skipped`/`skips`, and refills those
       batch slots with repeats (`padded`) so the batch count stays equal on every rank.
@@ -187,9 +192,12 @@ class ShardStream:
         max_restarts: int = 3,
         actor_cpus: float | None = None,
         object_store_memory: int | None = None,
+        placement: str = "local",
     ):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         for name, value in (("batch_size", batch_size), ("size", size), ("prefetch", prefetch),
                             ("world_size", world_size)):
             if value < 1:
@@ -228,7 +236,7 @@ class ShardStream:
             cpus = int(ray.cluster_resources().get("CPU", 1))
             num_actors = max(1, cpus // world_size)
         self.num_actors = max(1, min(num_actors, len(self)))
-        self._actors = self._make_actors(shuffle_buffer, actor_cpus)
+        self._actors = self._make_actors(shuffle_buffer, actor_cpus, placement)
 
     # ------------------------------------------------------------------ public API
     def __len__(self) -> int:
@@ -280,23 +288,32 @@ class ShardStream:
                     raise
                 time.sleep(0.1)
 
+    def actor_nodes(self) -> list[str]:
+        """The Ray node id each actor runs on, in actor order."""
+        return ray.get([a.node_id.remote() for a in self._actors])
+
     def __repr__(self) -> str:
         return (f"ShardStream({self.source.url!r}, split={self.split!r}, "
                 f"batch_size={self.batch_size}, size={self.size}, {len(self)} batches, "
                 f"{self.num_actors} actors, rank {self.rank}/{self.world_size})")
 
     # ------------------------------------------------------------------ internals
-    def _make_actors(self, shuffle_buffer: int, actor_cpus: float | None) -> list:
+    def _make_actors(self, shuffle_buffer: int, actor_cpus: float | None,
+                     placement: str) -> list:
         # Ray's actor default (actor_cpus=None): one CPU to place it, none held while it
         # runs, so a train and a valid stream and Ray Train workers all fit at once.
-        options = {"max_restarts": self.max_restarts, "max_task_retries": 0,
-                   "scheduling_strategy": NodeAffinitySchedulingStrategy(
-                       ray.get_runtime_context().get_node_id(), soft=True)}
+        here = ray.get_runtime_context().get_node_id()
+        nodes = _nodes_with_cpus(first=here) if placement == "spread" else [here]
+        options = {"max_restarts": self.max_restarts, "max_task_retries": 0}
         if actor_cpus is not None:
             options["num_cpus"] = actor_cpus
-        remote = ray.remote(ShardReader).options(**options)
-        return [remote.remote(self.source, self.item_tfm, self.size, self.on_error,
-                              shuffle_buffer) for _ in range(self.num_actors)]
+        remote = ray.remote(ShardReader)
+        # soft affinity: a node that is full or gone is passed over (and a crashed actor
+        # may come back elsewhere)
+        return [remote.options(**options, scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    nodes[i % len(nodes)], soft=True)).remote(
+                    self.source, self.item_tfm, self.size, self.on_error, shuffle_buffer)
+                for i in range(self.num_actors)]
 
     def _play(self, epoch: int, play: int) -> Iterator[Batch]:
         plan = self.plan(epoch)
@@ -322,6 +339,18 @@ class ShardStream:
             log.warning("epoch %d of %s skipped %d samples in %d places (%d batch slots "
                         "refilled with repeats)", epoch, self.source.url, self.skipped,
                         len(self.skips), self.padded)
+
+
+def _nodes_with_cpus(first: str) -> list[str]:
+    """Alive nodes with CPUs, `first` (this process's node) leading, the rest by id.
+
+    Ray's own "SPREAD" strategy left every actor on one node in a test cluster (an actor
+    holds no CPU once placed, so each node looks as free as before); dealing the actors
+    round-robin over the nodes spreads them for certain.
+    """
+    others = sorted(n["NodeID"] for n in ray.nodes()
+                    if n["Alive"] and n["Resources"].get("CPU", 0) > 0 and n["NodeID"] != first)
+    return [first, *others]
 
 
 def _resolve_tfms(item_tfms, split: str, size: int) -> Callable:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -79,6 +80,76 @@ class RecordAndKill(Recorder):
         return cbs + ([KillOnce(self.marker, epoch=1, batch=1)] if rank == 1 else [])
 
 
+class NodeLoss(Callback):
+    """At one batch of one epoch, ask the scenario to remove this rank's node, once.
+
+    Each rank writes the id of the node it runs on to `folder/request-rank{r}.txt` and
+    waits there; the scenario removes one of those nodes (`Cluster.remove_node`, which
+    kills its raylet and every process on it) and writes `folder/removed.txt`, which
+    releases the rank that survived and keeps the redone epoch from asking again.
+    """
+
+    def __init__(self, folder: str, epoch: int, batch: int):
+        self.folder, self.epoch, self.batch = Path(folder), epoch, batch
+
+    def after_batch(self, learn) -> None:
+        import ray
+        import ray.train
+
+        removed = self.folder / "removed.txt"
+        if (learn.training and learn.epoch == self.epoch and learn.iter == self.batch
+                and not removed.exists()):
+            time.sleep(3)  # let Ray Train's controller see the previous epoch's checkpoint
+            node = ray.get_runtime_context().get_node_id()
+            rank = ray.train.get_context().get_world_rank()
+            (self.folder / f"request-rank{rank}.txt").write_text(f"{node} {os.getpid()}")
+            deadline = time.monotonic() + 120
+            while not removed.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+
+class RecordAndLoseNode(Recorder):
+    def __init__(self, folder: str, requests: str):
+        super().__init__(folder)
+        self.requests = requests
+
+    def __call__(self, rank: int, world_size: int) -> list:
+        return super().__call__(rank, world_size) + [NodeLoss(self.requests, epoch=1, batch=1)]
+
+
+def remove_a_training_node(cluster, folder: Path, result: dict) -> None:
+    """Wait for the ranks' requests, then remove a worker node that runs one of them."""
+    head = cluster.head_node.node_id
+    nodes = {node.node_id: node for node in cluster.worker_nodes}
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        asked = [p.read_text().split() for p in sorted(folder.glob("request-rank*.txt"))]
+        victims = [n for n, _ in reversed(asked) if n != head and n in nodes]
+        if victims:
+            victim = victims[0]
+            cluster.remove_node(nodes[victim], allow_graceful=False)
+            # A lost machine takes its processes with it at once; Ray's workers would only
+            # notice their raylet is gone a while later (and might finish the epoch first).
+            for node, pid in asked:
+                if node == victim:
+                    os.kill(int(pid), signal.SIGKILL)
+            result["removed_node"] = victim
+            (folder / "removed.txt").write_text(victim)
+            return
+        time.sleep(0.2)
+
+
+def spread_stream(shards: Path) -> dict:
+    """A ShardStream with its 3 actors spread over the nodes: where they ran, what came out."""
+    from pipeline.stream import ShardStream
+
+    with ShardStream(shards, "train", batch_size=5, size=32, num_actors=3,
+                     placement="spread") as stream:
+        keys = [k for batch in stream for k in batch.keys]
+        nodes = stream.actor_nodes()
+    return {"spread_nodes": nodes, "spread_keys": keys}
+
+
 def make_shards(work: Path) -> Path:
     shards = work / "shards"
     if not (shards / "meta.json").is_file():
@@ -88,13 +159,13 @@ def make_shards(work: Path) -> Path:
     return shards
 
 
-def start_cluster():
+def start_cluster(worker_nodes: int = 2):
     import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 1, "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    nodes = [cluster.add_node(num_cpus=2) for _ in range(worker_nodes)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=True, configure_logging=False)
     return cluster, nodes
@@ -136,7 +207,8 @@ def main(scenario: str, work: Path) -> None:
     # every raylet, worker and stream actor inherits them
     os.environ.update(AWS_ACCESS_KEY_ID=options["key"], AWS_SECRET_ACCESS_KEY=options["secret"],
                       AWS_ENDPOINT_URL=options["endpoint_url"], AWS_DEFAULT_REGION="us-east-1")
-    cluster, _ = start_cluster()
+    # remove_node: a third worker node, so the cluster still fits 2 workers after losing one
+    cluster, _ = start_cluster(3 if scenario == "remove_node" else 2)
     base = FitConfig(shards=str(shards), arch="cnn_nobn", epochs=2, bs=7, lr=3e-3, size=32,
                      workers=1, opt="adam")
     result: dict = {"shards": str(shards)}
@@ -149,6 +221,7 @@ def main(scenario: str, work: Path) -> None:
             from_s3 = run_distributed(base.replace(out=str(work / "run_s3"), shards=s3_url),
                                       spread2)
             result.update(s3_summary=from_s3, s3_url=s3_url)
+            result.update(spread_stream(shards))
         elif scenario == "kill_worker":
             record = work / "record_kill"
             marker = work / "killed.txt"
@@ -156,6 +229,18 @@ def main(scenario: str, work: Path) -> None:
                                       spread2,
                                       RecordAndKill(str(record), str(marker)))
             result.update(summary=summary, record=str(record), killed=marker.is_file())
+        elif scenario == "remove_node":
+            import threading
+
+            record, requests = work / "record_node", work / "node_requests"
+            requests.mkdir()
+            watcher = threading.Thread(target=remove_a_training_node,
+                                       args=(cluster, requests, result), daemon=True)
+            watcher.start()
+            summary = run_distributed(base.replace(out=str(work / "run_node")), spread2,
+                                      RecordAndLoseNode(str(record), str(requests)))
+            watcher.join(timeout=1)
+            result.update(summary=summary, record=str(record))
         elif scenario == "submit":
             result.update(submit(work, shards, cluster.address))
         else:

@@ -90,6 +90,15 @@ def test_every_sample_once_per_epoch_across_workers(two_workers):
     assert [row["epoch"] for row in history] == [0, 1]
 
 
+def test_stream_actors_spread_over_the_nodes(two_workers):
+    """placement="spread" puts the actors on more than one node; the epoch is still whole."""
+    result, _ = two_workers
+    assert len(set(result["spread_nodes"])) >= 2
+    n_train = read_meta(result["shards"])["splits"]["train"]["count"]
+    assert sorted(result["spread_keys"]) == sorted(set(result["spread_keys"]))
+    assert len(result["spread_keys"]) == n_train
+
+
 def test_two_workers_equal_one_worker_with_the_global_batch(two_workers):
     result, _ = two_workers
     run = Path(result["summary"]["run_dir"])
@@ -122,6 +131,19 @@ def test_a_killed_worker_is_recovered_from_the_last_checkpoint(tmp_path):
     history = json.loads((Path(result["summary"]["run_dir"]) / "metrics.json").read_text())
     assert [row["epoch"] for row in history] == [0, 1]
     # the redone epoch still sees every training sample exactly once
+    meta = read_meta(result["shards"])
+    ranks = load_records(Path(result["record"]), 1, 2)
+    keys = [k for batches in ranks for _, _, ks in batches for k in ks]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == meta["splits"]["train"]["count"]
+
+
+def test_a_removed_node_is_recovered_from_the_last_checkpoint(tmp_path):
+    """A whole worker node (raylet, training worker, its stream actors) goes mid-epoch."""
+    result, output = run_scenario("remove_node", tmp_path)
+    assert result.get("removed_node"), output[-3000:]
+    assert "resuming from the checkpoint of epoch 0; epoch 1 is redone" in output
+    history = json.loads((Path(result["summary"]["run_dir"]) / "metrics.json").read_text())
+    assert [row["epoch"] for row in history] == [0, 1]
     meta = read_meta(result["shards"])
     ranks = load_records(Path(result["record"]), 1, 2)
     keys = [k for batches in ranks for _, _, ks in batches for k in ks]

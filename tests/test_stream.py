@@ -299,6 +299,8 @@ def test_bad_arguments_fail_before_ray(tmp_path):
         ShardStream(tmp_path, "test")
     with pytest.raises(ValueError, match="on_error"):
         ShardStream(tmp_path, on_error="ignore")
+    with pytest.raises(ValueError, match="placement"):
+        ShardStream(tmp_path, placement="everywhere")
     with pytest.raises(ValueError, match="rank 2"):
         ShardStream(tmp_path, rank=2, world_size=2)
     with pytest.raises(ValueError, match="fewer than one batch"):
