@@ -175,7 +175,13 @@ def test_ray_kill_with_restart_mid_epoch(shard_set, valid1, caplog):
         for i, batch in enumerate(valid1):
             keys += batch.keys
             if i == 0:
+                old = valid1.actor_pids()[0]
                 ray.kill(valid1._actors[0], no_restart=False)
+                # ray.kill is asynchronous: wait until the restarted actor answers, so the
+                # kill cannot land after a fast actor has already made the whole epoch
+                deadline = time.monotonic() + 60
+                while valid1.actor_pids()[0] == old and time.monotonic() < deadline:
+                    time.sleep(0.05)
     assert "stream actor 0 died" in caplog.text
     assert keys == list(shard_set.labels["valid"])
 
