@@ -181,11 +181,11 @@ def run_webloader(work: Path, epochs: int) -> dict:
 
 
 def start_ray() -> float:
-    import ray
+    """Ray as `tench fit` starts it (all cores, workers preloading the stream's imports)."""
+    from pipeline.stream import ensure_ray
 
     t = time.perf_counter()
-    ray.init(num_cpus=cores(), include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    ensure_ray()
     return time.perf_counter() - t
 
 
