@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 import numpy as np
+import torch
 
 from pipeline.decode import DecodeError, decode_image
 from pipeline.plan import ActorTask, Segment
@@ -58,6 +59,19 @@ class StaleRequest(RuntimeError):
     """A `next_batch` meant for an earlier `start` (left over from a restart or early stop)."""
 
 
+def use_ray_thread_count() -> None:
+    """Give torch the thread count Ray chose for this worker (`OMP_NUM_THREADS`).
+
+    Ray sets it to the task's or actor's CPUs (1 by default), but torch reads it only when
+    it is imported, which a worker that preloaded torch (`pipeline.stream.PRELOAD_MODULES`)
+    did before Ray set it: two threads per actor with an actor per core made the stream 5x
+    slower. Unset (a plain process using `ShardReader` directly): torch is left alone.
+    """
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+
+
 def item_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     """Randomness for one item, fixed by `(seed, epoch, key)`, independent of actor and timing."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
@@ -91,6 +105,7 @@ class ShardReader:
         self.source, self.item_tfm, self.size = source, item_tfm, size
         self.on_error, self.shuffle_buffer = on_error, shuffle_buffer
         self.decode_size = getattr(item_tfm, "decode_size", None)
+        use_ray_thread_count()  # one actor, one core's work
         self._token = None
         self._batches: Iterator[BatchData] = iter(())
         self._skips: list[Skip] = []
@@ -98,6 +113,9 @@ class ShardReader:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def torch_threads(self) -> int:
+        return torch.get_num_threads()
 
     def node_id(self) -> str:
         import ray

@@ -20,13 +20,18 @@ started = ensure_ray()
 def modules():
     return sorted(m for m in ("torch", "torchvision", "pipeline.actors") if m in sys.modules)
 
+from pipeline.actors import ShardReader
+from pipeline.transforms import valid_tfms
+
+reader = ray.remote(ShardReader).remote(None, valid_tfms(8), 8)
 print("RESULT " + json.dumps({"started": started, "cpus": ray.cluster_resources()["CPU"],
-                              "modules": ray.get(modules.remote())}))
+                              "modules": ray.get(modules.remote()),
+                              "actor_threads": ray.get(reader.torch_threads.remote())}))
 ray.shutdown()
 """
 
 
-def test_ensure_ray_starts_workers_with_the_stream_modules_imported():
+def test_ensure_ray_starts_workers_with_the_stream_modules_imported_and_one_thread():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env,
@@ -38,3 +43,5 @@ def test_ensure_ray_starts_workers_with_the_stream_modules_imported():
     assert result["cpus"] == len(os.sched_getaffinity(0))
     # a plain task never imports these itself: the worker had them before it took work
     assert result["modules"] == ["pipeline.actors", "torch", "torchvision"]
+    # torch was imported before Ray set OMP_NUM_THREADS=1: the actor still uses one thread
+    assert result["actor_threads"] == 1

@@ -143,6 +143,9 @@ def train_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from pipeline.actors import use_ray_thread_count
+
+    use_ray_thread_count()  # torch threads = this worker's CPUs, even in a preloaded worker
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     is_main = rank == 0
