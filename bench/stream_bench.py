@@ -16,7 +16,8 @@ shards it, then times, each in a fresh process (so its peak RSS is its own):
 All make 128 px uint8 batches of 64 with a random-resized crop and a flip. Reported: images/s
 over the last epoch, per core, time to the first batch (cold: from building the loader, after
 Ray is up for the Ray ones; warm: at the start of the last epoch), and the peak RSS and PSS
-summed over the process tree (driver, workers, raylet, object store), sampled every 50 ms.
+summed over the process tree (driver, workers, raylet, object store), sampled every 50 ms
+(less often when a sample is slow, so the sampler stays under ~5% of one core).
 """
 
 from __future__ import annotations
@@ -260,8 +261,11 @@ def measure(method: str, work: Path, epochs: int) -> dict:
                             cwd=ROOT)
     peak, ps = (0, 0), psutil.Process(proc.pid)
     while proc.poll() is None:
+        t = time.perf_counter()
         peak = tuple(map(max, peak, tree_memory(ps)))
-        time.sleep(0.05)
+        # reading smaps of a dozen Ray processes every 50 ms took half a core from the
+        # loader being measured: keep the sampler under ~5% of one core
+        time.sleep(max(0.05, 20 * (time.perf_counter() - t)))
     out, err = proc.communicate()
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:

@@ -3,8 +3,9 @@
 The driver (the training process) reads `meta.json`, plans each epoch (`pipeline.plan`),
 gives each actor its segments and keeps `prefetch` batch requests in flight per actor,
 asking for the next batch before it hands out this one. Batches come back through Ray's
-object store as numpy arrays (no copy); the driver makes the one copy that turns
-`(B, H, W, 3)` into the `(B, 3, H, W)` uint8 tensor of a `Batch` and frees the slot.
+object store as numpy arrays (no copy); the driver makes one plain copy, which frees the
+slot, and hands it out as the `(B, 3, H, W)` uint8 tensor of a `Batch`, channels-last in
+memory (the layout the trainer converts to anyway).
 
 Memory is fixed by configuration, not by the data: at most `num_actors * prefetch`
 batches wait in the object store, each actor holds `shuffle_buffer` encoded records, and
@@ -25,7 +26,6 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError
@@ -79,10 +79,12 @@ def ensure_ray(address: str | None = None, object_store_memory: int | None = Non
 def to_batch(data: BatchData) -> Batch:
     """(B, H, W, 3) read-only numpy -> a `Batch` with a fresh (B, 3, H, W) uint8 tensor.
 
-    One transposing copy (about 1 ms for 64 x 128 px): it releases the object-store slot
-    and gives the trainer memory it may write to.
+    One plain copy (0.1 ms for 64 x 128 px) releases the object-store slot and gives the
+    trainer memory it may write to. The tensor is (B, 3, H, W) in channels-last memory
+    (a permuted view of the HWC copy), the layout the trainer's convolutions want anyway;
+    a transposing copy to contiguous NCHW cost 10x more of the training process's time.
     """
-    images = torch.from_numpy(np.ascontiguousarray(data.images.transpose(0, 3, 1, 2)))
+    images = torch.from_numpy(data.images.copy()).permute(0, 3, 1, 2)
     return Batch(images, torch.tensor(data.labels, dtype=torch.int64), list(data.keys))
 
 

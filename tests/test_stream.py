@@ -74,7 +74,10 @@ def check_batches(batches, stream, labels: dict) -> None:
     assert len(batches) == len(stream)
     for b in batches:
         assert b.images.dtype == torch.uint8 and b.images.shape == (len(b), 3, SIZE, SIZE)
-        assert b.images.is_contiguous() and b.labels.dtype == torch.int64
+        # channels-last memory, as the trainer wants it, and the batch's own (writable) copy
+        assert b.images.is_contiguous(memory_format=torch.channels_last)
+        assert b.images.untyped_storage().nbytes() == b.images.numel()
+        assert b.labels.dtype == torch.int64
         assert b.labels.tolist() == [labels[k] for k in b.keys]
     sizes = [len(b) for b in batches]
     assert all(s == stream.batch_size for s in sizes[:-1]) and 0 < sizes[-1] <= stream.batch_size
