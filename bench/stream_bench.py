@@ -223,6 +223,10 @@ def run_shardstream(work: Path, epochs: int, folder: str) -> dict:
     from pipeline.stream import ShardStream
 
     ray_up = start_ray()
+    # --ray-settle S: build the stream S seconds after ray.init returned, when Ray's
+    # prestarted workers have finished preloading torch (as in `tench fit`, where building
+    # the model overlaps them); 0 (default): at once, the worst case
+    time.sleep(float(os.environ.get("STREAM_BENCH_RAY_SETTLE", "0")))
     t = time.perf_counter()
     with ShardStream(work / folder, "train", batch_size=BATCH, size=SIZE) as stream:
         stream.actor_pids()  # wait for the actor processes (they import torch + torchvision)
@@ -330,11 +334,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every loader this many times, interleaved; keep each one's "
                              "fastest (on a shared machine the slow runs measure the others)")
+    parser.add_argument("--ray-settle", type=float, default=0.0,
+                        help="seconds between ray.init and building a ShardStream")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.work, args.epochs)), flush=True)
         return 0
+    os.environ["STREAM_BENCH_RAY_SETTLE"] = str(args.ray_settle)  # the children read it
     prepare(args.work, args.images)
     n_cores = cores()
     results: dict = {}
