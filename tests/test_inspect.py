@@ -121,3 +121,16 @@ def test_no_verify_reads_only_meta(out):
     lines: list[str] = []
     assert inspect_folder(out, verify=False, write=lines.append) == []
     assert not any("MISMATCH" in line for line in lines)
+
+
+def test_a_closed_pipe_stops_quietly(out):
+    """`tench inspect OUT | head -1`: the reader leaves early; no traceback, exit 141."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "inspect", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipe" not in err
