@@ -114,3 +114,33 @@ def test_fp16_overflowed_steps_are_really_skipped():
 def test_dtype_is_checked():
     with pytest.raises(ValueError, match="bfloat16"):
         MixedPrecision(torch.float32)
+
+
+def test_fp16_resume_continues_with_the_learned_loss_scale():
+    """The GradScaler's scale is part of the checkpoint: 1 epoch + resume + 1 epoch ends
+    with the same weights and scale as 2 epochs straight (the scale had backed off from an
+    init_scale that overflowed; starting again from init_scale would skip other steps)."""
+    from trainer.callbacks import restore
+    from trainer.callbacks.checkpoint import checkpoint_state
+
+    def run():
+        return MixedPrecision(torch.float16, cpu=True, init_scale=2.0**30)
+
+    torch.manual_seed(0)
+    straight_amp = run()
+    straight = learner(straight_amp)
+    straight.fit(2)
+
+    torch.manual_seed(0)
+    first_amp = run()
+    first = learner(first_amp)
+    first.fit(1)
+    state = checkpoint_state(first)
+    assert 0 < state["callbacks"]["MixedPrecision"]["scaler"]["scale"] < 2.0**30
+    torch.manual_seed(123)  # a fresh process: nothing carried over but the checkpoint
+    second_amp = run()
+    second = learner(second_amp)
+    second.fit(2, start_epoch=restore(second, state))
+    assert second_amp.scaler.get_scale() == straight_amp.scaler.get_scale()
+    assert second_amp.skipped_steps == straight_amp.skipped_steps > 0
+    assert state_equal(second.model.state_dict(), straight.model.state_dict())

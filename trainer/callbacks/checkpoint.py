@@ -13,6 +13,8 @@ Layout (only tensors, numbers, strings, lists and dicts, so it loads with
     config             the run's resolved configuration (JSON-able dict)
     vocab              label names, index = label
     vocab_fingerprint  sha256 of the vocab (see shards.vocab), or None
+    callbacks          {class name: state_dict()} of callbacks that keep state (the fp16
+                       GradScaler's loss scale); older checkpoints without it still load
 """
 
 from __future__ import annotations
@@ -88,7 +90,15 @@ def checkpoint_state(learn, config: dict | None = None, vocab: Any = None) -> di
         "config": config,
         "vocab": names,
         "vocab_fingerprint": fingerprint,
+        "callbacks": callback_states(learn),
     }
+
+
+def callback_states(learn) -> dict:
+    """`{class name: cb.state_dict()}` of the callbacks that keep state across epochs
+    (e.g. MixedPrecision's GradScaler), so a resumed run continues where it stopped."""
+    return {type(cb).__name__: cb.state_dict() for cb in learn.cbs
+            if callable(getattr(cb, "state_dict", None))}
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
@@ -136,6 +146,10 @@ def restore(learn, ckpt: dict, rng: bool = True) -> int:
         learn.create_opt()
     learn.opt.load_state_dict(ckpt["optimizer"])
     learn.history = list(ckpt.get("history", []))
+    for cb in learn.cbs:
+        saved = ckpt.get("callbacks", {}).get(type(cb).__name__)
+        if saved is not None and callable(getattr(cb, "load_state_dict", None)):
+            cb.load_state_dict(saved)
     if rng:
         set_rng_state(ckpt["rng"])
     return int(ckpt["epoch"]) + 1

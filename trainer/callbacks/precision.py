@@ -49,6 +49,16 @@ class MixedPrecision(Callback):
         self._in_autocast = False
         self._update_pending = False
         self.skipped_steps = 0
+        self._resume: dict | None = None  # scaler state from a checkpoint, applied at fit
+
+    def state_dict(self) -> dict:
+        """The fp16 loss scale and its growth counter (empty without a scaler): a resumed
+        run starts from the scale it had learned, not from `init_scale` again."""
+        scaler = self.scaler.state_dict() if self.scaler is not None else {}
+        return {"scaler": scaler, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state
 
     def before_fit(self, learn) -> None:
         device_type = model_device(learn.model).type
@@ -61,6 +71,11 @@ class MixedPrecision(Callback):
             self.scaler = torch.amp.GradScaler(device_type, init_scale=self.init_scale,
                                                growth_interval=self.growth_interval)
         self.skipped_steps = 0
+        if self._resume is not None:
+            if self.scaler is not None and self._resume.get("scaler"):
+                self.scaler.load_state_dict(self._resume["scaler"])
+            self.skipped_steps = int(self._resume.get("skipped_steps", 0))
+            self._resume = None
 
     def before_batch(self, learn) -> None:
         if self.active:
