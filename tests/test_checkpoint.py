@@ -110,7 +110,7 @@ def test_checkpoint_layout_loads_weights_only(tmp_path):
     learn.fit(2, cbs=[schedule()])
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert set(ckpt) == {"format_version", "epoch", "schedule", "model", "optimizer", "rng",
-                         "history", "config", "vocab", "vocab_fingerprint"}
+                         "history", "config", "vocab", "vocab_fingerprint", "callbacks"}
     assert ckpt["format_version"] == CHECKPOINT_VERSION and ckpt["epoch"] == 1
     assert ckpt["schedule"] == {"n_epochs": 2, "pct_train": 1.0}
     assert ckpt["config"] == CONFIG
