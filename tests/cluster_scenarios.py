@@ -215,7 +215,10 @@ def main(scenario: str, work: Path) -> None:
     try:
         if scenario == "two_workers":
             record = work / "record"
-            summary = run_distributed(base.replace(out=str(work / "run2")),
+            # SHARDS relative to this process's folder, as a user types it: Ray Train runs
+            # the workers elsewhere, so tench must hand them the resolved path
+            summary = run_distributed(base.replace(out=str(work / "run2"),
+                                                   shards=os.path.relpath(shards)),
                                       spread2, Recorder(str(record)))
             result.update(summary=summary, record=str(record))
             from_s3 = run_distributed(base.replace(out=str(work / "run_s3"), shards=s3_url),

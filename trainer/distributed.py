@@ -225,7 +225,10 @@ def run_distributed(config: FitConfig, options: ClusterOptions,
         run_dir = prepare_run_dir(config)
     storage, name = _ray_run(run_dir, config, options)
     ensure_ray(config.address)
-    meta = ShardSource.of(config.shards).read_meta()
+    source = ShardSource.of(config.shards)
+    # Ray Train runs each worker in a folder of its own: a relative SHARDS would point there
+    config = config.replace(shards=source.url)
+    meta = source.read_meta()
     vocab = Vocab.from_json(meta)
     atomic_write_text(run_dir / CONFIG_NAME, config.to_json())
     trainer = TorchTrainer(
