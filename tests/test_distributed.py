@@ -162,3 +162,18 @@ def test_shards_on_s3_train_like_local_shards(two_workers):
         torch.testing.assert_close(remote[name], local[name], rtol=1e-5, atol=1e-6, msg=name)
     assert result["s3_summary"]["valid_loss"] == pytest.approx(result["summary"]["valid_loss"],
                                                                rel=1e-4)
+
+
+def test_storage_folders_are_made_absolute_and_urls_kept(tmp_path, monkeypatch):
+    """Ray Train's workers run in folders of their own: a relative --storage must not be
+    read from there. Object storage URLs pass through unchanged."""
+    from trainer.distributed import ClusterOptions, _ray_run
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = FitConfig(shards="shards", out="run")
+    assert _ray_run(run_dir, config, ClusterOptions(storage="store"))[0] == str(tmp_path / "store")
+    assert _ray_run(run_dir, config, ClusterOptions())[0] == str(run_dir / "ray")
+    url = "s3://bucket/tench-checkpoints"
+    assert _ray_run(run_dir, config, ClusterOptions(storage=url))[0] == url

@@ -196,7 +196,9 @@ def _ray_run(run_dir: Path, config: FitConfig, options: ClusterOptions) -> tuple
                            "--resume")
         stored = json.loads(record.read_text())
         return stored["storage"], stored["name"]
-    storage = options.storage or str((run_dir / "ray").resolve())
+    storage = options.storage or str(run_dir / "ray")
+    if "://" not in storage:  # a folder: absolute, as Ray Train's workers run elsewhere
+        storage = str(Path(storage).expanduser().resolve())
     name = f"{run_dir.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"  # fresh: no stale restore
     atomic_write_text(record, json.dumps({"storage": storage, "name": name}, indent=1))
     return storage, name
