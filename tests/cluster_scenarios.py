@@ -70,14 +70,16 @@ class KillOnce(Callback):
             os._exit(1)
 
 
-class RecordAndKill(Recorder):
-    def __init__(self, folder: str, marker: str):
+class RecordWithFault(Recorder):
+    """`Recorder` plus a fault callback (`KillOnce`, `NodeLoss`) on the ranks in `ranks`."""
+
+    def __init__(self, folder: str, fault: Callback, ranks: tuple[int, ...]):
         super().__init__(folder)
-        self.marker = marker
+        self.fault, self.ranks = fault, ranks
 
     def __call__(self, rank: int, world_size: int) -> list:
         cbs = super().__call__(rank, world_size)
-        return cbs + ([KillOnce(self.marker, epoch=1, batch=1)] if rank == 1 else [])
+        return cbs + ([self.fault] if rank in self.ranks else [])
 
 
 class NodeLoss(Callback):
@@ -106,15 +108,6 @@ class NodeLoss(Callback):
             deadline = time.monotonic() + 120
             while not removed.exists() and time.monotonic() < deadline:
                 time.sleep(0.2)
-
-
-class RecordAndLoseNode(Recorder):
-    def __init__(self, folder: str, requests: str):
-        super().__init__(folder)
-        self.requests = requests
-
-    def __call__(self, rank: int, world_size: int) -> list:
-        return super().__call__(rank, world_size) + [NodeLoss(self.requests, epoch=1, batch=1)]
 
 
 def remove_a_training_node(cluster, folder: Path, result: dict) -> None:
@@ -228,9 +221,9 @@ def main(scenario: str, work: Path) -> None:
         elif scenario == "kill_worker":
             record = work / "record_kill"
             marker = work / "killed.txt"
-            summary = run_distributed(base.replace(out=str(work / "run_kill")),
-                                      spread2,
-                                      RecordAndKill(str(record), str(marker)))
+            kill = KillOnce(str(marker), epoch=1, batch=1)
+            summary = run_distributed(base.replace(out=str(work / "run_kill")), spread2,
+                                      RecordWithFault(str(record), kill, ranks=(1,)))
             result.update(summary=summary, record=str(record), killed=marker.is_file())
         elif scenario == "remove_node":
             import threading
@@ -240,8 +233,9 @@ def main(scenario: str, work: Path) -> None:
             watcher = threading.Thread(target=remove_a_training_node,
                                        args=(cluster, requests, result), daemon=True)
             watcher.start()
+            loss = NodeLoss(str(requests), epoch=1, batch=1)
             summary = run_distributed(base.replace(out=str(work / "run_node")), spread2,
-                                      RecordAndLoseNode(str(record), str(requests)))
+                                      RecordWithFault(str(record), loss, ranks=(0, 1)))
             watcher.join(timeout=1)
             result.update(summary=summary, record=str(record))
         elif scenario == "submit":
