@@ -125,11 +125,14 @@ def test_no_verify_reads_only_meta(out):
 
 def test_a_closed_pipe_stops_quietly(out):
     """`tench inspect OUT | head -1`: the reader leaves early; no traceback, exit 141."""
+    import os
     import subprocess
     import sys
 
+    # stdout block-buffered, as for any user's pipe (PYTHONUNBUFFERED would hide the exit flush)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "inspect", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     proc.stdout.close()  # the reader is gone before the first line is written
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141, err.decode()

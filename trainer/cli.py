@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._module.main(args) or 0)
+        code = int(args._module.main(args) or 0)
+        sys.stdout.flush()  # a block-buffered stdout (a pipe) meets the closed pipe here
+        return code
     except BrokenPipeError:
         # The reader went away (`tench inspect OUT | head`): stop quietly, as Unix tools do.
         # stdout now points at /dev/null so Python's flush at exit cannot fail again.
