@@ -2,7 +2,7 @@
 
 `ShardReader` is a plain class; `pipeline.stream` runs it as a Ray actor and the tests
 also call it directly. The driver hands it an `ActorTask` per epoch (`start`) and then
-asks for batches one call at a time (`next_batch`), keeping a few calls in flight.
+asks for the next few batches per call (`next_batches`), keeping a few calls in flight.
 
 Reproducible: the record order comes from the task (its segments and shuffle seed) and
 every item's random transform draws from a generator seeded by `(seed, epoch, key)`, so
@@ -56,7 +56,7 @@ class BatchData:
 
 
 class StaleRequest(RuntimeError):
-    """A `next_batch` meant for an earlier `start` (left over from a restart or early stop)."""
+    """A `next_batches` meant for an earlier `start` (left over from a restart or early stop)."""
 
 
 def use_ray_thread_count() -> None:
@@ -124,15 +124,21 @@ class ShardReader:
 
     def start(self, task: ActorTask, seed: int, epoch: int, token: str,
               skip_batches: int = 0) -> int:
-        """Begin (or, after a restart, resume) a task; `next_batch(token)` then walks it."""
+        """Begin (or, after a restart, resume) a task; `next_batches(token, n)` then walks it."""
         self._token, self._skips, self._last_good = token, [], None
         self._batches = self._iter_batches(task, seed, epoch, skip_batches)
         return os.getpid()
 
-    def next_batch(self, token: str) -> BatchData:
+    def next_batches(self, token: str, count: int = 1) -> list[BatchData]:
+        """The task's next `count` batches (fewer at its end), returned as one Ray object.
+
+        Several batches per call because Ray's cost is per object (the raylet's plasma
+        work, the caller's `ray.get`), not per byte: on 2 cores, 64-image batches of
+        128 px streamed 3,100 images/s one per object and 3,400 four per object.
+        """
         if token != self._token:
             raise StaleRequest(f"batch request for task {token}, running {self._token}")
-        return next(self._batches)
+        return list(islice(self._batches, count))
 
     # ------------------------------------------------------------------ the pipeline
     def _iter_batches(self, task: ActorTask, seed: int, epoch: int, skip_batches: int

@@ -54,8 +54,10 @@ def train2(ray_local, shard_set):
 
 @pytest.fixture(scope="module")
 def valid1(ray_local, shard_set):
-    """A one-actor validation stream (in order)."""
-    with ShardStream(shard_set.folder, "valid", batch_size=4, size=SIZE, num_actors=1) as s:
+    """A one-actor validation stream (in order), one batch asked for at a time: after the
+    first batch, most of the epoch is still to be made (the kill test relies on it)."""
+    with ShardStream(shard_set.folder, "valid", batch_size=4, size=SIZE, num_actors=1,
+                     prefetch=1, batches_per_call=1) as s:
         yield s
 
 
@@ -118,6 +120,22 @@ def test_same_seed_and_epoch_same_order_new_epoch_new_order(shard_set, train2):
     assert all(torch.equal(x.images, y.images) for x, y in zip(a, twin_a, strict=True))
 
 
+def test_batches_per_call_changes_the_transfer_not_the_stream(shard_set, train2):
+    """Whether an actor returns 1, 3 or the default number of batches per Ray object, the
+    epoch is the same batches, each its own copy (see `check_batches`)."""
+    labels = shard_set.labels["train"]
+    reference = play(train2, 2)
+    assert train2.batches_per_call == 8  # 4 x 32 px batches are tiny: the cap
+    for per_call in (1, 3):
+        with ShardStream(shard_set.folder, "train", batch_size=4, size=SIZE, num_actors=2,
+                         seed=5, shuffle_buffer=16, batches_per_call=per_call) as other:
+            batches = play(other, 2)
+        check_batches(batches, other, labels)
+        assert keys_of(batches) == keys_of(reference)
+        assert all(torch.equal(x.images, y.images) for x, y in zip(batches, reference,
+                                                                    strict=True))
+
+
 def test_stopping_early_then_a_full_epoch(shard_set, train2):
     """Like an LR finder: break off an epoch; the next one is still whole, and in order."""
     reference = play(train2, 9)
@@ -154,18 +172,23 @@ def test_drop_last(ray_local, shard_set):
     assert len(set(keys_of(batches))) == 48
 
 
-def test_actor_killed_mid_epoch_loses_and_repeats_nothing(shard_set, train2, caplog):
+def test_actor_killed_mid_epoch_loses_and_repeats_nothing(ray_local, shard_set, train2,
+                                                         caplog):
     reference = play(train2, 7)
-    train2.set_epoch(7)
+    # one request of 2 batches in flight per actor: when the driver has batch 0, actor 0
+    # has at most batches 1-2 made, and 3-6 not even asked for yet
+    stream = ShardStream(shard_set.folder, "train", batch_size=4, size=SIZE, num_actors=2,
+                         seed=5, shuffle_buffer=16, prefetch=1, batches_per_call=2)
+    stream.set_epoch(7)
     got, killed = [], []
-    with caplog.at_level(logging.WARNING, logger="pipeline.stream"):
-        for i, batch in enumerate(train2):
+    with stream, caplog.at_level(logging.WARNING, logger="pipeline.stream"):
+        for i, batch in enumerate(stream):
             got.append(batch)
-            if i == 0:  # actor 0 still has 6 of its 7 batches to make
-                killed.append(train2.actor_pids()[0])
+            if i == 0:
+                killed.append(stream.actor_pids()[0])
                 os.kill(killed[0], signal.SIGKILL)
+        assert killed[0] not in stream.actor_pids()  # a new process took over
     assert "stream actor 0 died" in caplog.text  # the crash was seen and recovered from
-    assert killed[0] not in train2.actor_pids()  # a new process took over
     assert keys_of(got) == keys_of(reference)  # same samples, once each, same order
     assert all(torch.equal(a.images, b.images) for a, b in zip(got, reference, strict=True))
 
@@ -262,13 +285,14 @@ def test_reader_replays_a_task_from_any_batch_without_ray(shard_set):
     reader = ShardReader(ShardSource.of(shard_set.folder), train_tfms(SIZE), SIZE,
                          shuffle_buffer=16)
     reader.start(task, 3, 1, "first")
-    full = [reader.next_batch("first") for _ in range(task.num_batches)]
+    full = reader.next_batches("first", 3) + reader.next_batches("first", task.num_batches)
+    assert len(full) == task.num_batches  # the last call returns what is left
     reader.start(task, 3, 1, "again", skip_batches=4)
-    tail = [reader.next_batch("again") for _ in range(task.num_batches - 4)]
+    tail = reader.next_batches("again", task.num_batches)
     assert [b.keys for b in tail] == [b.keys for b in full[4:]]
     assert all(np.array_equal(a.images, b.images) for a, b in zip(tail, full[4:], strict=True))
     with pytest.raises(StaleRequest):
-        reader.next_batch("first")
+        reader.next_batches("first")
 
 
 def test_streams_what_tench_shard_wrote(ray_local, tmp_path):
@@ -314,6 +338,8 @@ def test_bad_arguments_fail_before_ray(tmp_path):
         ShardStream(tmp_path, rank=2, world_size=2)
     with pytest.raises(ValueError, match="fewer than one batch"):
         ShardStream(tmp_path, batch_size=8, drop_last=True)
+    with pytest.raises(ValueError, match="batches_per_call must be at least 1"):
+        ShardStream(tmp_path, batches_per_call=0)
 
 
 # ---------------------------------------------------------------------- memory
