@@ -72,10 +72,29 @@ def use_ray_thread_count() -> None:
         torch.set_num_threads(int(threads))
 
 
-def item_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    """Randomness for one item, fixed by `(seed, epoch, key)`, independent of actor and timing."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
-    return np.random.default_rng(int.from_bytes(digest, "little"))
+class ItemRandom:
+    """Randomness for one item, fixed by `(seed, epoch, key)`, independent of actor and timing.
+
+    Calling it re-seeds one PCG64 generator from a hash of the three and returns it: ~2 us,
+    where a fresh `default_rng` per item cost ~9 us (its seed hashing). The generator is
+    the same object every call, valid until the next one; a transform draws from it during
+    its own call and keeps nothing.
+    """
+
+    def __init__(self):
+        self._bits = np.random.PCG64(0)
+        self._rng = np.random.Generator(self._bits)
+
+    def __call__(self, seed: int, epoch: int, key: str) -> np.random.Generator:
+        digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=32).digest()
+        self._bits.state = {
+            "bit_generator": "PCG64",
+            "state": {"state": int.from_bytes(digest[:16], "little"),
+                      "inc": int.from_bytes(digest[16:], "little") | 1},  # PCG wants it odd
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
+        return self._rng
 
 
 def shuffled(items: Iterable, buffer_size: int, rng: np.random.Generator | None) -> Iterator:
@@ -106,6 +125,7 @@ class ShardReader:
         self.on_error, self.shuffle_buffer = on_error, shuffle_buffer
         self.decode_size = getattr(item_tfm, "decode_size", None)
         use_ray_thread_count()  # one actor, one core's work
+        self._item_rng = ItemRandom()
         self._token = None
         self._batches: Iterator[BatchData] = iter(())
         self._skips: list[Skip] = []
@@ -184,7 +204,7 @@ class ShardReader:
     def _load(self, sample: RawSample, seed: int, epoch: int) -> np.ndarray:
         where = f"{self.source.url_of(sample.shard)}:{sample.key}.{sample.ext}"
         image = decode_image(sample.data, sample.ext, self.decode_size, source=where)
-        out = self.item_tfm(image, item_rng(seed, epoch, sample.key))
+        out = self.item_tfm(image, self._item_rng(seed, epoch, sample.key))
         if out.shape != (self.size, self.size, 3) or out.dtype != np.uint8:
             raise ValueError(
                 f"item transforms gave {out.dtype} {out.shape} for {where}, the stream needs "

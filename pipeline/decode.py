@@ -31,10 +31,11 @@ import struct
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode  # importing torchvision.io registers torch.ops.image
 
 from pipeline.transforms import to_rgb
 
+_DECODE_JPEG_OP = torch.ops.image.decode_jpeg  # torchvision's decoder (libjpeg-turbo)
 DRAFT_FACTOR = 2  # draft-decode only when the stored shorter side is >= 2x the target
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -130,7 +131,9 @@ def _wants_draft(data: bytes, target_size: int | None) -> bool:
 
 def _decode_jpeg_torchvision(data: bytes) -> np.ndarray:
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    chw = decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    # the operator `decode_jpeg` calls after its per-call checks, usage logging and
+    # deprecation warning (~8 us of ~170 per 160 px image); torchvision is pinned
+    chw = _DECODE_JPEG_OP(encoded, ImageReadMode.RGB.value, True)  # True: EXIF orientation
     return np.ascontiguousarray(chw.permute(1, 2, 0).numpy())  # decoded HWC: already contiguous
 
 

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import torch
 
-from pipeline.actors import ShardReader, StaleRequest, item_rng, shuffled
+from pipeline.actors import ItemRandom, ShardReader, StaleRequest, shuffled
 from pipeline.batch import Batch
 from pipeline.plan import ShardEntry
 from pipeline.source import ShardReadError
@@ -268,8 +268,16 @@ def test_shuffle_buffer_is_bounded_and_seeded():
     # an item can only come out after it went in: never more than 16 places early
     assert all(pos >= item - 16 for pos, item in enumerate(a))
     assert list(shuffled(items, 16, None)) == items
-    assert item_rng(0, 1, "k").random() == item_rng(0, 1, "k").random()
-    assert item_rng(0, 1, "k").random() != item_rng(0, 2, "k").random()
+
+
+def test_item_randomness_depends_on_seed_epoch_and_key_only():
+    one, other = ItemRandom(), ItemRandom()
+    first = one(0, 1, "k").random(4).tolist()
+    one(0, 1, "other key").random(100)  # what came before does not matter
+    assert one(0, 1, "k").random(4).tolist() == first == other(0, 1, "k").random(4).tolist()
+    draws = {tuple(one(*args).random(4).tolist())
+             for args in ((0, 1, "k"), (0, 2, "k"), (1, 1, "k"), (0, 1, "j"))}
+    assert len(draws) == 4
 
 
 def test_reader_replays_a_task_from_any_batch_without_ray(shard_set):
