@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode  # importing torchvision.io registers torch.ops.image
 
-from pipeline.transforms import to_rgb
+from pipeline.kernels import to_rgb
 
 _DECODE_JPEG_OP = torch.ops.image.decode_jpeg  # torchvision's decoder (libjpeg-turbo)
 DRAFT_FACTOR = 2  # draft-decode only when the stored shorter side is >= 2x the target

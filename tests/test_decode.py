@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageOps, features
 
 from pipeline.decode import DecodeError, _decode_jpeg_torchvision, decode_image, jpeg_size
-from pipeline.transforms import resize
+from pipeline.kernels import resize
 
 SOURCE = "train-000003.tar:0a1b2c3d"
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; see pipeline/decode.py

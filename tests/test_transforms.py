@@ -10,8 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.transforms import (
+from pipeline.kernels import (
     DIHEDRAL,
+    dihedral,
+    perspective_coeffs,
+    random_resized_crop_box,
+    resize,
+    to_rgb,
+    warp_perspective,
+)
+from pipeline.transforms import (
     VALID_ZOOM,
     CenterCrop,
     Compose,
@@ -22,14 +30,8 @@ from pipeline.transforms import (
     ResizeShorter,
     ToRGB,
     compose,
-    dihedral,
-    perspective_coeffs,
-    random_resized_crop_box,
-    resize,
-    to_rgb,
     train_tfms,
     valid_tfms,
-    warp_perspective,
 )
 
 
