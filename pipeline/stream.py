@@ -223,13 +223,13 @@ class ShardStream:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        for name, value in (("batch_size", batch_size), ("size", size), ("prefetch", prefetch),
+                            ("world_size", world_size), ("batches_per_call", batches_per_call)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         if batches_per_call is None:
             batch_bytes = batch_size * size * size * 3
             batches_per_call = max(1, min(MAX_BATCHES_PER_CALL, round(CALL_BYTES / batch_bytes)))
-        for name, value in (("batch_size", batch_size), ("size", size), ("prefetch", prefetch),
-                            ("world_size", world_size), ("batches_per_call", batches_per_call)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         self.source = ShardSource.of(source, storage_options)

@@ -348,6 +348,8 @@ def test_bad_arguments_fail_before_ray(tmp_path):
         ShardStream(tmp_path, batch_size=8, drop_last=True)
     with pytest.raises(ValueError, match="batches_per_call must be at least 1"):
         ShardStream(tmp_path, batches_per_call=0)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        ShardStream(tmp_path, batch_size=0)  # before the default batches_per_call divides by it
 
 
 # ---------------------------------------------------------------------- memory
