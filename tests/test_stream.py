@@ -14,14 +14,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 import torch
 
-from pipeline.actors import ItemRandom, ShardReader, StaleRequest, shuffled
 from pipeline.batch import Batch
-from pipeline.plan import ShardEntry
 from pipeline.source import ShardReadError
 from pipeline.stream import ShardStream
 from shards.vocab import Vocab
@@ -257,50 +254,6 @@ def test_corrupt_shard_skipped_is_counted_and_reported(ray_local, corrupt_set, c
     assert len(distinct) == 30 - stream.skipped and distinct <= set(labels)
     assert stream.padded == stream.skipped  # the holes were refilled with repeats, counted
     assert name in caplog.text and "skipped" in caplog.text
-
-
-def test_shuffle_buffer_is_bounded_and_seeded():
-    items = list(range(200))
-    a = list(shuffled(items, 16, np.random.default_rng(1)))
-    assert sorted(a) == items and a != items
-    assert a == list(shuffled(items, 16, np.random.default_rng(1)))
-    assert a != list(shuffled(items, 16, np.random.default_rng(2)))
-    # an item can only come out after it went in: never more than 16 places early
-    assert all(pos >= item - 16 for pos, item in enumerate(a))
-    assert list(shuffled(items, 16, None)) == items
-
-
-def test_item_randomness_depends_on_seed_epoch_and_key_only():
-    one, other = ItemRandom(), ItemRandom()
-    first = one(0, 1, "k").random(4).tolist()
-    one(0, 1, "other key").random(100)  # what came before does not matter
-    assert one(0, 1, "k").random(4).tolist() == first == other(0, 1, "k").random(4).tolist()
-    draws = {tuple(one(*args).random(4).tolist())
-             for args in ((0, 1, "k"), (0, 2, "k"), (1, 1, "k"), (0, 1, "j"))}
-    assert len(draws) == 4
-
-
-def test_reader_replays_a_task_from_any_batch_without_ray(shard_set):
-    """What a restarted actor does: the batches after `skip_batches` are the same."""
-    from pipeline.plan import plan_epoch
-    from pipeline.source import ShardSource
-    from pipeline.transforms import train_tfms
-
-    stream_shards = [ShardEntry(s["name"], s["count"])
-                     for s in shard_set.meta["splits"]["train"]["shards"]]
-    task = plan_epoch(stream_shards, batch_size=8, num_actors=1, shuffle=True, seed=3,
-                      epoch=1).tasks[0]
-    reader = ShardReader(ShardSource.of(shard_set.folder), train_tfms(SIZE), SIZE,
-                         shuffle_buffer=16)
-    reader.start(task, 3, 1, "first")
-    full = reader.next_batches("first", 3) + reader.next_batches("first", task.num_batches)
-    assert len(full) == task.num_batches  # the last call returns what is left
-    reader.start(task, 3, 1, "again", skip_batches=4)
-    tail = reader.next_batches("again", task.num_batches)
-    assert [b.keys for b in tail] == [b.keys for b in full[4:]]
-    assert all(np.array_equal(a.images, b.images) for a, b in zip(tail, full[4:], strict=True))
-    with pytest.raises(StaleRequest):
-        reader.next_batches("first")
 
 
 def test_streams_what_tench_shard_wrote(ray_local, tmp_path):
