@@ -1,20 +1,17 @@
-"""ShardStream on real Ray and real shards: exactly once, order, ranks, faults, remote, memory."""
+"""ShardStream on real Ray and real shards: exactly once, order, ranks, faults, remote.
+
+Memory: test_stream_memory.py; the actor's own logic without Ray: test_actors.py.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections import Counter
-from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
@@ -303,75 +300,3 @@ def test_bad_arguments_fail_before_ray(tmp_path):
         ShardStream(tmp_path, batches_per_call=0)
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         ShardStream(tmp_path, batch_size=0)  # before the default batches_per_call divides by it
-
-
-# ---------------------------------------------------------------------- memory
-def proc_memory(pid: int) -> dict:
-    """Resident kB by kind from /proc: private heap (RssAnon), shared memory, all (VmRSS)."""
-    out = {}
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            if name in ("RssAnon", "RssShmem", "VmRSS"):
-                out[name] = int(value.split()[0]) << 10
-    return out
-
-
-def tree_memory() -> tuple[int, int]:
-    """(private heap, total RSS) of this process and its children: raylet, GCS, workers.
-
-    The heap (RssAnon) is where held data would pile up, and it is steady to a few MB.
-    The total also counts the torch libraries once per process and the pages of Ray's
-    shared-memory object store as they are first touched (bounded by its configured size).
-    """
-    me = psutil.Process()
-    stats = [proc_memory(p.pid) for p in [me, *me.children(recursive=True)]]
-    return sum(s.get("RssAnon", 0) for s in stats), sum(s.get("VmRSS", 0) for s in stats)
-
-
-def epoch_memory(stream) -> tuple[int, int]:
-    """(growth of the heap over one epoch, peak total RSS), sampled every 5 ms."""
-    before, _ = tree_memory()
-    peak, done = [0, 0], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[:] = map(max, peak, tree_memory())
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=watch)
-    thread.start()
-    try:
-        n = sum(len(b) for b in stream)  # consume and drop, like a training loop
-    finally:
-        done.set()
-        thread.join()
-    assert n == stream.num_samples
-    return peak[0] - before, peak[1]
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
-def test_memory_is_flat_as_the_data_grows(ray_local, tmp_path):
-    """4x the data must not raise the peak: only configuration bounds memory.
-
-    Incompressible 144 px images decoded at 128 px: 300 samples are 15 MB of pixels,
-    1,200 are 59 MB, so a stream that held on to its data would show it. The shards are
-    made in a subprocess so their pixels do not sit in this process's freed heap, where
-    a leak could hide.
-    """
-    code = ("import sys; from tests.shard_fixtures import make_shards\n"
-            "for scale in (1, 4):\n"
-            "    make_shards(f'{sys.argv[1]}/x{scale}', {'train': 300 * scale}, "
-            "image_size=(144, 136), noise=True, samples_per_shard=50, seed=scale)")
-    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True,
-                   cwd=Path(__file__).parent.parent)
-    results = {}
-    for scale in (1, 4):
-        with ShardStream(tmp_path / f"x{scale}", "train", batch_size=32, size=128,
-                         num_actors=2, shuffle_buffer=64, prefetch=2) as stream:
-            epoch_memory(stream)  # warm-up: imports, first allocations
-            results[scale] = epoch_memory(stream)
-    (grow1, peak1), (grow4, peak4) = results[1], results[4]
-    mb = 1 << 20
-    assert grow4 <= 1.3 * grow1 + 16 * mb, f"heap grew {grow1 / mb:.0f}, {grow4 / mb:.0f} MB"
-    assert peak4 <= 1.15 * peak1, f"peak RSS 1x {peak1 / mb:.0f} MB, 4x {peak4 / mb:.0f} MB"
