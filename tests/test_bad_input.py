@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from PIL import Image
 from shards.format import META_NAME
 from shards.images import check_image
 from shards.inspect import inspect_folder
-from shards.sharder import ShardError, plan, shard_folder
+from shards.sharder import ShardError, plan, prepare_out, shard_folder
 from tests.test_sharder import image_bytes, read_shards
 
 pytestmark = pytest.mark.timeout(120)  # a symlink loop must not hang the run
@@ -282,14 +284,69 @@ def test_out_not_writable_is_a_clear_error_before_any_work(tmp_path):
         shard_folder(src, a_file / "out", progress=False)  # a folder under a file
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
-def test_out_without_write_permission_is_a_clear_error(tmp_path):
-    src = tmp_path / "src"
-    (src / "train/cat").mkdir(parents=True)
-    (src / "train/cat/a.jpg").write_bytes(image_bytes(1))
-    (tmp_path / "locked").mkdir(mode=0o500)
-    with pytest.raises(ShardError, match="cannot write to OUT"):
-        shard_folder(src, tmp_path / "locked", progress=False)
+NOBODY = 65534  # the conventional uid and gid of `nobody`
+
+
+def without_root(fn, *args) -> str:
+    """Call `fn(*args)` without root's privileges; return the error it raised as text.
+
+    Root ignores permission bits (and CI runs as root), so as root the call runs in a forked
+    child that first becomes `nobody`: a fork, not a new interpreter, because the interpreter
+    may live where `nobody` cannot read it (under /root).
+    """
+    def call() -> str:
+        try:
+            fn(*args)
+        except Exception as e:  # what the caller asserts on, whatever its type
+            return f"{type(e).__name__}: {e}"
+        return "no error"
+
+    if os.geteuid() != 0:
+        return call()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        status = 1
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)  # real, effective and saved: root's capabilities are dropped
+            os.write(write, call().encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        message = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"the unprivileged child failed: {message}"
+    return message
+
+
+def test_out_without_write_permission_is_a_clear_error():
+    # a fresh folder under the system temp dir: pytest's tmp_path sits in a folder only its
+    # owner may enter, and `nobody` must reach SRC and OUT for the check to be about OUT
+    base = Path(tempfile.mkdtemp(prefix="tench-locked-"))
+    locked, writable = base / "locked", base / "writable"
+    try:
+        base.chmod(0o755)
+        src = base / "src"
+        (src / "train/cat").mkdir(parents=True)
+        (src / "train/cat/a.jpg").write_bytes(image_bytes(1))
+        locked.mkdir(mode=0o555)
+        writable.mkdir()
+        writable.chmod(0o777)
+        # the control: the same user may write where the bits allow it
+        assert without_root(prepare_out, writable, src, False) == "no error"
+        for out in (locked, locked / "sub"):  # an existing OUT, and one to be made
+            message = without_root(lambda o: shard_folder(src, o, progress=False), out)
+            assert message == (f"ShardError: {out}: cannot write to OUT (Permission denied)")
+        assert list(locked.iterdir()) == []
+    finally:
+        if locked.exists():
+            locked.chmod(0o755)
+        shutil.rmtree(base)
 
 
 def _complete_tar(path: Path) -> int:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
-import tarfile
 
 import pytest
 import webdataset as wds
 
 from pipeline.plan import Segment
 from pipeline.source import ShardReadError, ShardSource, iter_samples, read_segment
-from pipeline.tarstream import TarFormatError, iter_tar
 from shards.format import decode_label
 from tests.shard_fixtures import make_shards, serve_http, serve_s3, truncate_shard
 
@@ -117,84 +114,3 @@ def test_s3_source(shard_set):
         assert source.read_meta() == shard_set.meta
         got = [(s.key, s.label) for s in read_segment(source, Segment(name, 0, 5))]
     assert got == webdataset_samples(shard_set.folder, name)
-
-
-# ---------------------------------------------------------------------- tar reader
-def make_tar(fmt: int, members: dict, extras: bool = True) -> bytes:
-    """A tar written by `tarfile` in `fmt`, with a directory and a symlink among the files."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
-        if extras:
-            d = tarfile.TarInfo("some/dir")
-            d.type = tarfile.DIRTYPE
-            tar.addfile(d)
-            link = tarfile.TarInfo("some/link.jpg")
-            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-            tar.addfile(link)
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def tarfile_oracle(raw: bytes) -> list:
-    with tarfile.open(fileobj=io.BytesIO(raw), mode="r|") as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
-
-
-class Trickle:
-    """A reader that returns at most 100 bytes per call, like a slow network stream."""
-
-    def __init__(self, raw: bytes):
-        self.f = io.BytesIO(raw)
-
-    def read(self, n: int = -1) -> bytes:
-        return self.f.read(min(n, 100) if n >= 0 else 100)
-
-
-MEMBERS = {
-    "abc.jpg": bytes(range(256)) * 3,
-    "abc.cls": b"2",
-    "d" * 120 + "/long-name-past-100-bytes.png": b"\x89PNG" + b"x" * 700,
-    "unicodé/ключ.cls": b"1",
-    "empty.json": b"",
-    "exact.bin": b"z" * 1024,
-}
-
-
-@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
-def test_iter_tar_matches_tarfile(fmt):
-    members = dict(MEMBERS)
-    if fmt == tarfile.USTAR_FORMAT:  # ustar cannot hold these names
-        members = {k: v for k, v in members.items() if k.isascii() and len(k) < 100}
-    raw = make_tar(fmt, members)
-    expected = tarfile_oracle(raw)
-    assert list(iter_tar(io.BytesIO(raw))) == expected
-    assert list(iter_tar(Trickle(raw))) == expected
-    assert [name for name, _ in expected] == list(members)  # links and dirs skipped
-
-
-def test_iter_tar_reads_our_shards_like_tarfile(shard_set):
-    for s in shard_set.meta["splits"]["train"]["shards"]:
-        raw = (shard_set.folder / s["name"]).read_bytes()
-        assert list(iter_tar(io.BytesIO(raw))) == tarfile_oracle(raw)
-
-
-def test_iter_tar_refuses_damage():
-    raw = make_tar(tarfile.PAX_FORMAT, MEMBERS, extras=False)
-    with pytest.raises(TarFormatError, match="unexpected end of data"):
-        list(iter_tar(io.BytesIO(raw[:700])))  # inside the first member's data
-    with pytest.raises(TarFormatError, match="unexpected end of data"):
-        list(iter_tar(io.BytesIO(raw[:300])))  # inside the first header
-    damaged = bytearray(raw)
-    damaged[5] ^= 0xFF  # a flipped byte in the first header's name
-    with pytest.raises(TarFormatError, match="checksum"):
-        list(iter_tar(io.BytesIO(bytes(damaged))))
-    with pytest.raises(TarFormatError, match="corrupt or not a tar"):
-        list(iter_tar(io.BytesIO(b"not a tar at all" * 64)))
-    # cut exactly between members: a short, valid tar (the count check catches it)
-    first = tarfile_oracle(raw)[:1]
-    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
-        cut = tar.getmembers()[1].offset
-    assert list(iter_tar(io.BytesIO(raw[:cut]))) == first

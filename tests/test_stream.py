@@ -1,27 +1,21 @@
-"""ShardStream on real Ray and real shards: exactly once, order, ranks, faults, remote, memory."""
+"""ShardStream on real Ray and real shards: exactly once, order, ranks, faults, remote.
+
+Memory: test_stream_memory.py; the actor's own logic without Ray: test_actors.py.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections import Counter
-from pathlib import Path
 
-import numpy as np
-import psutil
 import pytest
 import torch
 
-from pipeline.actors import ItemRandom, ShardReader, StaleRequest, shuffled
 from pipeline.batch import Batch
-from pipeline.plan import ShardEntry
 from pipeline.source import ShardReadError
 from pipeline.stream import ShardStream
 from shards.vocab import Vocab
@@ -259,50 +253,6 @@ def test_corrupt_shard_skipped_is_counted_and_reported(ray_local, corrupt_set, c
     assert name in caplog.text and "skipped" in caplog.text
 
 
-def test_shuffle_buffer_is_bounded_and_seeded():
-    items = list(range(200))
-    a = list(shuffled(items, 16, np.random.default_rng(1)))
-    assert sorted(a) == items and a != items
-    assert a == list(shuffled(items, 16, np.random.default_rng(1)))
-    assert a != list(shuffled(items, 16, np.random.default_rng(2)))
-    # an item can only come out after it went in: never more than 16 places early
-    assert all(pos >= item - 16 for pos, item in enumerate(a))
-    assert list(shuffled(items, 16, None)) == items
-
-
-def test_item_randomness_depends_on_seed_epoch_and_key_only():
-    one, other = ItemRandom(), ItemRandom()
-    first = one(0, 1, "k").random(4).tolist()
-    one(0, 1, "other key").random(100)  # what came before does not matter
-    assert one(0, 1, "k").random(4).tolist() == first == other(0, 1, "k").random(4).tolist()
-    draws = {tuple(one(*args).random(4).tolist())
-             for args in ((0, 1, "k"), (0, 2, "k"), (1, 1, "k"), (0, 1, "j"))}
-    assert len(draws) == 4
-
-
-def test_reader_replays_a_task_from_any_batch_without_ray(shard_set):
-    """What a restarted actor does: the batches after `skip_batches` are the same."""
-    from pipeline.plan import plan_epoch
-    from pipeline.source import ShardSource
-    from pipeline.transforms import train_tfms
-
-    stream_shards = [ShardEntry(s["name"], s["count"])
-                     for s in shard_set.meta["splits"]["train"]["shards"]]
-    task = plan_epoch(stream_shards, batch_size=8, num_actors=1, shuffle=True, seed=3,
-                      epoch=1).tasks[0]
-    reader = ShardReader(ShardSource.of(shard_set.folder), train_tfms(SIZE), SIZE,
-                         shuffle_buffer=16)
-    reader.start(task, 3, 1, "first")
-    full = reader.next_batches("first", 3) + reader.next_batches("first", task.num_batches)
-    assert len(full) == task.num_batches  # the last call returns what is left
-    reader.start(task, 3, 1, "again", skip_batches=4)
-    tail = reader.next_batches("again", task.num_batches)
-    assert [b.keys for b in tail] == [b.keys for b in full[4:]]
-    assert all(np.array_equal(a.images, b.images) for a, b in zip(tail, full[4:], strict=True))
-    with pytest.raises(StaleRequest):
-        reader.next_batches("first")
-
-
 def test_streams_what_tench_shard_wrote(ray_local, tmp_path):
     """The real sharder's output, read back by webdataset as the oracle, streams once each."""
     import webdataset as wds
@@ -350,75 +300,3 @@ def test_bad_arguments_fail_before_ray(tmp_path):
         ShardStream(tmp_path, batches_per_call=0)
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         ShardStream(tmp_path, batch_size=0)  # before the default batches_per_call divides by it
-
-
-# ---------------------------------------------------------------------- memory
-def proc_memory(pid: int) -> dict:
-    """Resident kB by kind from /proc: private heap (RssAnon), shared memory, all (VmRSS)."""
-    out = {}
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            if name in ("RssAnon", "RssShmem", "VmRSS"):
-                out[name] = int(value.split()[0]) << 10
-    return out
-
-
-def tree_memory() -> tuple[int, int]:
-    """(private heap, total RSS) of this process and its children: raylet, GCS, workers.
-
-    The heap (RssAnon) is where held data would pile up, and it is steady to a few MB.
-    The total also counts the torch libraries once per process and the pages of Ray's
-    shared-memory object store as they are first touched (bounded by its configured size).
-    """
-    me = psutil.Process()
-    stats = [proc_memory(p.pid) for p in [me, *me.children(recursive=True)]]
-    return sum(s.get("RssAnon", 0) for s in stats), sum(s.get("VmRSS", 0) for s in stats)
-
-
-def epoch_memory(stream) -> tuple[int, int]:
-    """(growth of the heap over one epoch, peak total RSS), sampled every 5 ms."""
-    before, _ = tree_memory()
-    peak, done = [0, 0], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[:] = map(max, peak, tree_memory())
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=watch)
-    thread.start()
-    try:
-        n = sum(len(b) for b in stream)  # consume and drop, like a training loop
-    finally:
-        done.set()
-        thread.join()
-    assert n == stream.num_samples
-    return peak[0] - before, peak[1]
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
-def test_memory_is_flat_as_the_data_grows(ray_local, tmp_path):
-    """4x the data must not raise the peak: only configuration bounds memory.
-
-    Incompressible 144 px images decoded at 128 px: 300 samples are 15 MB of pixels,
-    1,200 are 59 MB, so a stream that held on to its data would show it. The shards are
-    made in a subprocess so their pixels do not sit in this process's freed heap, where
-    a leak could hide.
-    """
-    code = ("import sys; from tests.shard_fixtures import make_shards\n"
-            "for scale in (1, 4):\n"
-            "    make_shards(f'{sys.argv[1]}/x{scale}', {'train': 300 * scale}, "
-            "image_size=(144, 136), noise=True, samples_per_shard=50, seed=scale)")
-    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True,
-                   cwd=Path(__file__).parent.parent)
-    results = {}
-    for scale in (1, 4):
-        with ShardStream(tmp_path / f"x{scale}", "train", batch_size=32, size=128,
-                         num_actors=2, shuffle_buffer=64, prefetch=2) as stream:
-            epoch_memory(stream)  # warm-up: imports, first allocations
-            results[scale] = epoch_memory(stream)
-    (grow1, peak1), (grow4, peak4) = results[1], results[4]
-    mb = 1 << 20
-    assert grow4 <= 1.3 * grow1 + 16 * mb, f"heap grew {grow1 / mb:.0f}, {grow4 / mb:.0f} MB"
-    assert peak4 <= 1.15 * peak1, f"peak RSS 1x {peak1 / mb:.0f} MB, 4x {peak4 / mb:.0f} MB"

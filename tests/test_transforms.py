@@ -1,4 +1,7 @@
-"""Item transforms: the contract every one keeps, then what each one does."""
+"""Item transforms: the contract every one keeps, then what each one does.
+
+The pure pixel functions they wrap are tested in `test_kernels.py`.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +11,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from pipeline.kernels import (
-    DIHEDRAL,
-    dihedral,
-    perspective_coeffs,
-    random_resized_crop_box,
-    resize,
-    to_rgb,
-    warp_perspective,
-)
+from pipeline.kernels import random_resized_crop_box, resize
 from pipeline.transforms import (
     VALID_ZOOM,
     CenterCrop,
@@ -33,24 +27,7 @@ from pipeline.transforms import (
     train_tfms,
     valid_tfms,
 )
-
-
-def photo(height: int, width: int, channels: int | None = 3, seed: int = 0) -> np.ndarray:
-    """Noise on a gradient: every pixel differs, so any crop, flip or warp shows."""
-    rng = np.random.default_rng(seed)
-    ramp = np.add.outer(np.arange(height) * 3, np.arange(width) * 2)
-    shape = (height, width) if channels is None else (height, width, channels)
-    noise = rng.integers(0, 64, shape)
-    grad = ramp if channels is None else ramp[:, :, None]
-    return ((grad + noise) % 256).astype(np.uint8)
-
-
-def readonly(image: np.ndarray) -> np.ndarray:
-    """A read-only copy, like an array handed out by Ray's object store."""
-    image = image.copy()
-    image.flags.writeable = False
-    return image
-
+from tests.image_fixtures import photo, readonly
 
 H, W, SIZE = 40, 56, 16
 # (transform, possible output shapes for an H x W x 3 input, draws randomness?)
@@ -123,49 +100,7 @@ def test_global_random_state_is_neither_used_nor_touched(tfm, shapes, random_):
     assert torch.equal(before[2], after[2])
 
 
-# ----------------------------------------------------------------------------- to_rgb
-def test_to_rgb_grey_repeats_the_channel():
-    grey = photo(5, 7, channels=None)
-    for image in (grey, grey[:, :, None]):
-        out = to_rgb(readonly(image))
-        assert out.shape == (5, 7, 3)
-        assert all(np.array_equal(out[:, :, c], grey) for c in range(3))
-
-
-def test_to_rgb_composites_alpha_on_white():
-    rgba = np.zeros((1, 3, 4), np.uint8)
-    rgba[0, :, :3] = (200, 10, 0)
-    rgba[0, :, 3] = (0, 255, 128)  # transparent, opaque, half
-    out = to_rgb(rgba)
-    assert out[0, 0].tolist() == [255, 255, 255]
-    assert out[0, 1].tolist() == [200, 10, 0]
-    expected = [round((v * 128 + 255 * 127) / 255) for v in (200, 10, 0)]
-    assert out[0, 2].tolist() == expected
-    grey_alpha = np.array([[[40, 0], [40, 255]]], np.uint8)
-    assert to_rgb(grey_alpha).tolist() == [[[255] * 3, [40] * 3]]
-
-
-def test_to_rgb_refuses_what_is_not_an_image():
-    with pytest.raises(ValueError, match="channels"):
-        to_rgb(np.zeros((4, 4, 5), np.uint8))
-    with pytest.raises(TypeError, match="uint8"):
-        to_rgb(np.zeros((4, 4, 3), np.float32))
-
-
-# ----------------------------------------------------------------------------- resize
-@pytest.mark.parametrize(
-    "src, dst", [((40, 56), (16, 22)), ((17, 9), (40, 21)), ((64, 64), (7, 5))]
-)
-def test_resize_matches_pil_antialiased_bilinear(src, dst):
-    image = photo(*src)
-    expected = np.asarray(Image.fromarray(image).resize(dst[::-1], Image.Resampling.BILINEAR))
-    out = resize(readonly(image), *dst)
-    assert out.shape == (*dst, 3)
-    assert np.abs(out.astype(int) - expected).max() <= 2
-    grey = resize(image[:, :, 0], *dst)
-    assert grey.shape == dst and np.array_equal(grey, out[:, :, 0])
-
-
+# ----------------------------------------------------------------------------- resize, centre crop
 @pytest.mark.parametrize(
     "h, w, expected", [(40, 56, (24, 34)), (56, 40, (34, 24)), (10, 10, (24, 24))]
 )
@@ -217,32 +152,6 @@ def test_random_resized_crop_never_fails_on_odd_images_and_extremes(shape):
                 assert tfm(image, np.random.default_rng(seed)).shape == (8, 8, 3)
 
 
-def test_fallback_is_the_centred_largest_region_within_the_ratio():
-    rng = np.random.default_rng(0)
-    # a 100x100 image cannot hold a full-area crop of aspect 2: every attempt fails
-    assert random_resized_crop_box(100, 100, (1, 1), (2, 2), rng) == (25, 0, 50, 100)
-    assert random_resized_crop_box(100, 100, (1, 1), (0.5, 0.5), rng) == (0, 25, 100, 50)
-    # a 1x300 strip: no crop of aspect 3/4..4/3 fits, fall back to the central 1x1
-    assert random_resized_crop_box(1, 300, (0.9, 1), (3 / 4, 4 / 3), rng) == (0, 149, 1, 1)
-    # aspect already inside the range: the whole image (attempts=0 goes straight to fallback)
-    assert random_resized_crop_box(30, 35, (0.5, 1), (1, 2), rng, attempts=0) == (0, 0, 30, 35)
-
-
-def test_retries_keep_drawing_the_area_from_the_whole_image():
-    """The course shrank the area on every retry; here each retry draws from the same area."""
-    areas = []
-    for seed in range(200):
-        # aspect ratios below 2 do not fit in height 100, so many first attempts fail
-        _, _, h, w = random_resized_crop_box(
-            100, 400, (0.5, 0.5), (0.25, 4), np.random.default_rng(seed)
-        )
-        areas.append(h * w)
-    areas = np.array(areas)
-    fallback = areas == 100 * 400
-    assert fallback.sum() < 20  # rare
-    assert np.all(np.abs(areas[~fallback] - 20_000) <= 0.02 * 20_000)
-
-
 def test_random_resized_crop_validates_its_arguments():
     with pytest.raises(ValueError, match="scale"):
         RandomResizedCrop(8, scale=(0.5, 0.2))
@@ -266,20 +175,6 @@ def test_horizontal_flip_mirrors_with_probability_p():
     assert 60 < sum(flips) < 140
 
 
-def test_dihedral_gives_the_eight_symmetries():
-    image = photo(9, 9)
-    oracle = {
-        np.ascontiguousarray(np.rot90(a, k)).tobytes()
-        for a in (image, image.swapaxes(0, 1))
-        for k in range(4)
-    }
-    outs = [dihedral(readonly(image), k) for k in range(8)]
-    assert len(DIHEDRAL) == 8 and {o.tobytes() for o in outs} == oracle
-    assert np.array_equal(outs[0], image)
-    assert dihedral(photo(9, 13), 1).shape == (13, 9, 3)
-    assert dihedral(photo(9, 13, channels=None), 1).shape == (13, 9)
-
-
 def test_random_dihedral_probability():
     image = photo(9, 9)
     assert all(
@@ -291,42 +186,6 @@ def test_random_dihedral_probability():
 
 
 # ----------------------------------------------------------------------------- perspective
-def apply_projective(coeffs, x, y):
-    a, b, c, d, e, f, g, h = coeffs
-    den = g * x + h * y + 1
-    return (a * x + b * y + c) / den, (d * x + e * y + f) / den
-
-
-def test_perspective_coeffs_map_each_corner_onto_its_source():
-    rng = np.random.default_rng(0)
-    output = [(0, 0), (50, 0), (50, 30), (0, 30)]
-    for _ in range(20):
-        source = [(x + rng.uniform(-5, 5), y + rng.uniform(-5, 5)) for x, y in output]
-        coeffs = perspective_coeffs(output, source)
-        assert coeffs.shape == (8,)
-        for (x, y), (u, v) in zip(output, source, strict=True):
-            assert np.allclose(apply_projective(coeffs, x, y), (u, v), atol=1e-9)
-
-
-def test_perspective_coeffs_of_the_identity_and_of_a_pure_scale():
-    square = [(0, 0), (10, 0), (10, 10), (0, 10)]
-    assert np.allclose(perspective_coeffs(square, square), [1, 0, 0, 0, 1, 0, 0, 0])
-    doubled = [(2 * x, 2 * y) for x, y in square]
-    assert np.allclose(perspective_coeffs(square, doubled), [2, 0, 0, 0, 2, 0, 0, 0])
-
-
-def test_warp_of_an_axis_aligned_box_equals_pil_extent_crop():
-    image = photo(30, 40)
-    box = (4, 3, 36, 27)
-    corners = [(box[0], box[1]), (box[2], box[1]), (box[2], box[3]), (box[0], box[3])]
-    expected = np.asarray(
-        Image.fromarray(image).transform(
-            (40, 30), Image.Transform.EXTENT, box, Image.Resampling.BILINEAR
-        )
-    )
-    assert np.abs(warp_perspective(readonly(image), corners).astype(int) - expected).max() <= 1
-
-
 @pytest.mark.parametrize("shape", [(30, 50, 3), (7, 5, 3), (2, 2, 3), (64, 64, 1), (9, 1, 3)])
 def test_perspective_warp_never_pads_with_black(shape):
     white = np.full(shape, 255, np.uint8)
