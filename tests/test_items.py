@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.items import ImageList, ItemList, LabeledData, SplitData, compose
 from shards.blocks import (
     CategoryProcessor,
     LabelError,
@@ -14,6 +13,7 @@ from shards.blocks import (
     random_splitter,
     regex_labeler,
 )
+from shards.items import ImageList, ItemList, LabeledData, SplitData, compose
 
 
 class Add:
