@@ -16,7 +16,6 @@ from shards.blocks import (
     top_folder_splitter,
 )
 from shards.files import get_files
-from shards.labels_csv import csv_labeler
 from shards.vocab import Vocab
 
 # --- splitters -------------------------------------------------------------------------
@@ -140,34 +139,6 @@ def test_top_folder_splitter_splits_by_the_first_folder_under_root(tmp_path):
 def test_partition_items_keeps_what_the_splitter_leaves_out():
     sides = {1: "train", 2: "valid", 3: None, 4: "train"}
     assert partition_items([1, 2, 3, 4], sides.get) == ([1, 4], [2], [3])
-
-
-def _csv(path, text):
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def test_csv_labeler_relative_paths_header_and_missing_file(tmp_path):
-    root = tmp_path / "imgs"
-    csv_path = _csv(tmp_path / "labels.csv", "path,label\na/1.jpg,cat\n./b/2.jpg,dog\n\n")
-    label = csv_labeler(csv_path, root)
-    assert label(root / "a" / "1.jpg") == "cat"
-    assert label(root / "b" / "2.jpg") == "dog"
-    with pytest.raises(LabelError, match=r"3\.jpg.*labels\.csv"):
-        label(root / "a" / "3.jpg")
-
-
-def test_csv_labeler_without_header_and_with_bom(tmp_path):
-    csv_path = tmp_path / "l.csv"
-    csv_path.write_bytes("\ufeffx.png,zèbre\n".encode())
-    assert csv_labeler(csv_path, tmp_path)(tmp_path / "x.png") == "zèbre"
-
-
-def test_csv_labeler_bad_rows_name_the_line(tmp_path):
-    with pytest.raises(LabelError, match=r"bad\.csv:2"):
-        csv_labeler(_csv(tmp_path / "bad.csv", "a.jpg,cat\nb.jpg\n"), tmp_path)
-    with pytest.raises(LabelError, match=r"dup\.csv:2.*'cat'.*'dog'"):
-        csv_labeler(_csv(tmp_path / "dup.csv", "a.jpg,cat\na.jpg,dog\n"), tmp_path)
 
 
 # --- CategoryProcessor -----------------------------------------------------------------
