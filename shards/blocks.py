@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from shards.atomic import atomic_write_text
+from shards.files import relative_path
 from shards.format import TRAIN, VALID
 from shards.vocab import UnknownLabelError, Vocab
 
@@ -54,15 +55,14 @@ def top_folder_splitter(
     layout, and also right when the labels do not come from class folders (`train/x.jpg`).
     """
     valid_names = (valid_names,) if isinstance(valid_names, str) else tuple(valid_names)
-    base = os.path.abspath(root)
 
     def split(path: str | Path) -> str | None:
-        parts = Path(os.path.relpath(os.path.abspath(path), base)).parts
-        if len(parts) < 2:  # a file directly in root
+        top, _, rest = relative_path(path, root).partition("/")
+        if not rest:  # a file directly in root
             return None
-        if parts[0] == train_name:
+        if top == train_name:
             return TRAIN
-        return VALID if parts[0] in valid_names else None
+        return VALID if top in valid_names else None
 
     return split
 

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from shards.blocks import CategoryProcessor, LabelError, partition_items
-from shards.files import get_files, image_extensions, normalise_extensions
+from shards.files import get_files, image_extensions, normalise_extensions, relative_path
 from shards.labels_csv import LabelsCsv
 from shards.shard_run import shard_data
 from shards.vocab import Vocab
@@ -177,7 +177,7 @@ class ImageList(ItemList):
         items = sorted(Path(path, rel) for rel in labels.rows)
         skipped = []
         for file in get_files(path):
-            if file.relative_to(path).as_posix() in labels.rows:
+            if relative_path(file, path) in labels.rows:
                 continue
             if file.suffix.lower() in image_extensions:
                 skipped.append((file, f"{NOT_IN_CSV}: {labels.csv_path.name}"))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from shards.files import relative_path
 from shards.format import TRAIN, VALID, encode_info
 from shards.images import file_size
 from shards.vocab import Vocab
@@ -93,12 +94,11 @@ def plan(data: Labelled, seed: int = 0) -> Plan:
 
 def relative(path: str | Path, root: Path) -> str:
     """`path` relative to `root`, with "/": how shards and meta.json name a file."""
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except ValueError:
-        raise ShardError(
-            f"{path}: not under {root}; give the item list a path that holds every file"
-        ) from None
+    rel = relative_path(path, root)
+    if rel == ".." or rel.startswith("../"):
+        raise ShardError(f"{path}: not under {root}; give the item list a path that holds "
+                         "every file")  # fmt: skip
+    return rel
 
 
 def shard_bytes(jobs: list[Job], shard_size: int | None, processes: int) -> int:

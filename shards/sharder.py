@@ -30,6 +30,7 @@ from shards.blocks import (
     regex_labeler,
     top_folder_splitter,
 )
+from shards.files import relative_path
 from shards.items import ImageList, LabeledData
 from shards.labels_csv import LabelsCsv, csv_splitter
 from shards.shard_plan import STATS_IMAGES, ShardError, relative
@@ -105,17 +106,20 @@ def folder_data(
     by_folder = label_regex is None and labels_csv is None
     layout = choose_layout(src, valid_pct, split_csv_column, by_folder, labels_csv is not None)
     try:
-        labeler = _regex(label_regex) if label_regex is not None else parent_labeler
-        if labels_csv is None:
+        labels = None if labels_csv is None else LabelsCsv(labels_csv, src)
+        labeler: Labeler = parent_labeler
+        if label_regex is not None:
+            labeler = _regex(label_regex)
+        if labels is None:
             items = ImageList.from_files(src)
             if not items.items and not items.skipped:
                 raise ShardError(f"{src}: SRC holds no files (hidden files are ignored)")
         else:
-            labeler = LabelsCsv(labels_csv, src)
-            if not len(labeler):
+            labeler = labels
+            if not len(labels):
                 raise ShardError(f"{labels_csv}: no rows; expected 'path,label' rows")
-            items = ImageList.from_csv(src, labeler)
-        splitter, where = _splitter(layout, src, valid_pct, seed, by_folder, labeler,
+            items = ImageList.from_csv(src, labels)
+        splitter, where = _splitter(layout, src, valid_pct, seed, by_folder, labels,
                                     split_csv_column)  # fmt: skip
         split = items.split(splitter, left_out=f"{OUTSIDE}: not in {where}")
         if not split.train.items:
@@ -170,7 +174,7 @@ def _regex(pattern: str) -> Labeler:
 
 
 def _splitter(layout: str, src: Path, valid_pct: float | None, seed: int, by_folder: bool,
-              labels: Any, column: str | None) -> tuple[Splitter, str]:  # fmt: skip
+              labels: LabelsCsv | None, column: str | None) -> tuple[Splitter, str]:  # fmt: skip
     """The splitter for `layout` and where it takes files from (for messages).
 
     With folder labels a file must sit in a class folder at the layout's class level
@@ -193,7 +197,7 @@ def _at_depth(splitter: Splitter, root: Path, depth: int) -> Splitter:
     """`splitter` for files `depth` path parts below `root`; None for any other file."""
 
     def split(path: Path) -> str | None:
-        return splitter(path) if len(path.relative_to(root).parts) == depth else None
+        return splitter(path) if relative_path(path, root).count("/") == depth - 1 else None
 
     return split
 
