@@ -174,6 +174,8 @@ def test_a_bad_split_value_and_conflicting_flags_are_named(tmp_path):
                      valid_pct=0.2)
     with pytest.raises(ShardError, match=r"no train/ folder.*--split-csv-column"):
         shard_folder(tmp_path / "src/train", tmp_path / "out", labels_csv=csv_path)
+    with pytest.raises(ShardError, match="--processes must be at least 1, got 0"):
+        shard_folder(src, tmp_path / "out", processes=0)
 
 
 def test_help_names_every_labeler_and_splitter(capsys):
