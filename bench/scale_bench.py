@@ -73,7 +73,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="scale-bench-"))
     make_sample(work / "images", per_class=args.per_class, seed=0)
-    shard_folder(work / "images", work / "shards", workers=2, progress=False)
+    shard_folder(work / "images", work / "shards", processes=2, progress=False)
     shards = str(work / "shards")
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 1, "include_dashboard": False})

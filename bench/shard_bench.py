@@ -6,8 +6,8 @@ One run makes an Imagenette-like set (`tench sample`: 160 px shorter side, 9 in 
 1 in 10 PNG; `--images` training images plus 10% validation), a 4x copy of it (every file
 hard-linked under 4 names), warms the page cache, then times, each in a fresh process:
 
-    tench-1        tench shard --workers 1 (copy mode: original bytes, every image fully decoded)
-    tench-all      tench shard --workers <cores>
+    tench-1        tench shard --processes 1 (copy mode: original bytes, every image fully decoded)
+    tench-all      tench shard --processes <cores>
     hand-loop      what a careful user writes: walk the folders, shuffle, PIL open + load()
                    each image (full decode) to check it, `webdataset.ShardWriter` to write it
     tar-cf         `tar cf` of the same files: the I/O limit, no checking at all
@@ -127,12 +127,12 @@ def timed(work) -> dict:
     return {"images": images, "seconds": seconds, "cpu": cpu.seconds}
 
 
-def run_tench(src: Path, out: Path, workers: int, max_size: int | None = None) -> dict:
+def run_tench(src: Path, out: Path, processes: int, max_size: int | None = None) -> dict:
     """`tench shard` with its default shard sizes (scaled down for small sets)."""
     from shards.sharder import shard_folder
 
     def work() -> int:
-        meta = shard_folder(src, out, workers=workers, max_size=max_size, force=True,
+        meta = shard_folder(src, out, processes=processes, max_size=max_size, force=True,
                             progress=False)
         return sum(info["count"] for info in meta["splits"].values())
 

@@ -130,7 +130,7 @@ def main() -> None:
         shards = args.shards
         if shards is None:
             make_sample(tmp / "images", per_class=args.per_class, seed=0)
-            shard_folder(tmp / "images", tmp / "shards", workers=2, progress=False)
+            shard_folder(tmp / "images", tmp / "shards", processes=2, progress=False)
             shards = tmp / "shards"
         config = FitConfig(shards=str(shards), arch=args.arch, bs=args.bs, size=args.size,
                            lr=1e-2, workers=1, device="cpu")

@@ -1,7 +1,7 @@
-"""The Data Block API and the Ray streaming loader."""
+"""The Ray streaming loader; `ImageList`/`ItemList` (the Data Block API, `shards.items`) too."""
 
 from pipeline.batch import Batch
-from pipeline.items import ImageList, ItemList
 from pipeline.stream import ShardStream
+from shards.items import ImageList, ItemList
 
 __all__ = ["Batch", "ImageList", "ItemList", "ShardStream"]

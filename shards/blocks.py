@@ -1,14 +1,13 @@
 """Data Block pieces: splitters, labelers and the label processor.
 
 A splitter maps one file path to ``"train"``, ``"valid"`` or None (leave the file out).
-A labeler maps one file path to a label name. `CategoryProcessor` turns label names
-into indices with a vocab built from the training split only, so validation can never
-change what an index means.
+A labeler maps one file path to a label name (CSV labels: `shards.labels_csv`).
+`CategoryProcessor` turns label names into indices with a vocab built from the training
+split only, so validation can never change what an index means.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -17,9 +16,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from shards.atomic import atomic_write_text
+from shards.files import relative_path
+from shards.format import TRAIN, VALID
 from shards.vocab import UnknownLabelError, Vocab
 
-TRAIN, VALID = "train", "valid"
 Splitter = Callable[[Path], "str | None"]
 Labeler = Callable[[Path], str]
 T = TypeVar("T")
@@ -44,6 +45,26 @@ def grandparent_splitter(
     if grandparent in valid_names:
         return VALID
     return None
+
+
+def top_folder_splitter(
+    root: str | Path, valid_names: Sequence[str] = ("val", "valid"), train_name: str = "train"
+) -> Splitter:
+    """Split by the first folder under `root`: `root/train/...` -> "train", `root/val/...`
+    -> "valid", anything else None. The same as `grandparent_splitter` for the ImageNet
+    layout, and also right when the labels do not come from class folders (`train/x.jpg`).
+    """
+    valid_names = (valid_names,) if isinstance(valid_names, str) else tuple(valid_names)
+
+    def split(path: str | Path) -> str | None:
+        top, _, rest = relative_path(path, root).partition("/")
+        if not rest:  # a file directly in root
+            return None
+        if top == train_name:
+            return TRAIN
+        return VALID if top in valid_names else None
+
+    return split
 
 
 def random_splitter(valid_pct: float, seed: int = 0, root: str | Path | None = None) -> Splitter:
@@ -80,19 +101,23 @@ def func_splitter(is_valid: Callable[[Path], bool | None]) -> Splitter:
 
 def split_items(items: Iterable[T], splitter: Callable[[T], str | None]) -> tuple[list[T], list[T]]:
     """(train, valid), order kept; items the splitter maps to None are left out."""
-    train: list[T] = []
-    valid: list[T] = []
+    train, valid, _ = partition_items(items, splitter)
+    return train, valid
+
+
+def partition_items(
+    items: Iterable[T], splitter: Callable[[T], str | None]
+) -> tuple[list[T], list[T], list[T]]:
+    """(train, valid, left out): `split_items` that also keeps what it leaves out."""
+    sides: dict[str | None, list[T]] = {TRAIN: [], VALID: [], None: []}
     for item in items:
         side = splitter(item)
-        if side == TRAIN:
-            train.append(item)
-        elif side == VALID:
-            valid.append(item)
-        elif side is not None:
+        if side not in sides:
             raise ValueError(
                 f"splitter returned {side!r} for {item}; expected 'train', 'valid' or None"
             )
-    return train, valid
+        sides[side].append(item)
+    return sides[TRAIN], sides[VALID], sides[None]
 
 
 # --- labelers --------------------------------------------------------------------------
@@ -104,13 +129,18 @@ def parent_labeler(path: str | Path) -> str:
 
 
 def regex_labeler(pattern: str | re.Pattern) -> Labeler:
-    """The label is the first group of `pattern` searched in the file name.
+    """The label is the one group of `pattern` searched in the file name (not the folders).
 
-    `regex_labeler(r"^([a-z]+)_\\d+")` labels `tench_12.jpg` as "tench".
+    `regex_labeler(r"^(.+)_\\d+\\.jpg$")` labels Oxford-IIIT Pets' `great_pyrenees_12.jpg` as
+    "great_pyrenees". Exactly one capturing group; use `(?:...)` for any other grouping.
+    A file name it does not match raises `LabelError` naming the file.
     """
     regex = re.compile(pattern)
-    if regex.groups < 1:
-        raise ValueError(f"regex {regex.pattern!r} has no group; put the label in (...)")
+    if regex.groups != 1:
+        raise ValueError(
+            f"label regex {regex.pattern!r} has {regex.groups} capturing groups, expected "
+            "exactly 1: put the label in (...) and write other groups as (?:...)"
+        )
 
     def label(path: str | Path) -> str:
         name = Path(path).name
@@ -120,59 +150,6 @@ def regex_labeler(pattern: str | re.Pattern) -> Labeler:
         return match.group(1)
 
     return label
-
-
-class CsvLabeler:
-    """Labels from a CSV of `path,label` rows, paths relative to `root`.
-
-    A header row `path,label` is optional. Paths use `/` on every system. Rows that
-    repeat a path with another label, or have the wrong number of columns, are errors
-    naming the CSV line, found when the CSV is read rather than halfway through a run.
-    """
-
-    def __init__(self, csv_path: str | Path, root: str | Path):
-        self.csv_path = Path(csv_path)
-        self.root = os.path.abspath(root)
-        self.labels: dict[str, str] = {}
-        with open(self.csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
-            for line_no, row in enumerate(csv.reader(f), start=1):
-                if not row or all(not cell.strip() for cell in row):
-                    continue
-                if line_no == 1 and [c.strip().lower() for c in row] == ["path", "label"]:
-                    continue
-                if len(row) != 2 or not row[0].strip() or not row[1].strip():
-                    raise LabelError(
-                        f"{self.csv_path}:{line_no}: expected 'path,label', got {row!r}"
-                    )
-                rel, name = _csv_key(row[0].strip()), row[1].strip()
-                if self.labels.get(rel, name) != name:
-                    raise LabelError(
-                        f"{self.csv_path}:{line_no}: {rel!r} labelled both "
-                        f"{self.labels[rel]!r} and {name!r}"
-                    )
-                self.labels[rel] = name
-
-    def __call__(self, path: str | Path) -> str:
-        rel = _csv_key(os.path.relpath(os.path.abspath(path), self.root))
-        try:
-            return self.labels[rel]
-        except KeyError:
-            raise LabelError(
-                f"{path}: not listed in {self.csv_path} (looked for {rel!r} relative to "
-                f"{self.root})"
-            ) from None
-
-    def __repr__(self) -> str:
-        return f"CsvLabeler({str(self.csv_path)!r}, {len(self.labels)} rows)"
-
-
-def _csv_key(rel: str) -> str:
-    return Path(rel.replace("\\", "/")).as_posix().removeprefix("./")
-
-
-def csv_labeler(csv_path: str | Path, root: str | Path) -> CsvLabeler:
-    """Labels from a CSV of `path,label` relative to `root` (see `CsvLabeler`)."""
-    return CsvLabeler(csv_path, root)
 
 
 # --- the label processor ---------------------------------------------------------------
@@ -260,8 +237,6 @@ class CategoryProcessor:
 
     def save(self, path: str | Path) -> None:
         """JSON with `vocab`, `vocab_fingerprint`, `unseen`, `other_name`, written atomically."""
-        from shards.atomic import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_json(), ensure_ascii=False, indent=1))
 
     @classmethod

@@ -82,3 +82,19 @@ def get_files(
                 if (dangling or entry.is_file()) and (wanted is None or ext in wanted):
                     found.append(Path(entry.path))
     return sorted(found)
+
+
+def relative_path(path: str | Path, root: str | Path) -> str:
+    """`path` relative to `root`, with "/" on every system: how shards name a file.
+
+    A path listed under `root` (`root / rel`, as `get_files` gives) is cut by string, with
+    no `Path` parsing: a plan makes this call for every file of SRC. Anything else goes
+    through `os.path.relpath`.
+    """
+    text, base = os.fspath(path), os.fspath(root)
+    prefix = base if base.endswith(os.sep) else base + os.sep
+    if base not in ("", ".") and text.startswith(prefix):
+        rel = os.path.normpath(text[len(prefix):])
+    else:
+        rel = os.path.relpath(os.path.abspath(text), os.path.abspath(base))
+    return rel if os.sep == "/" else rel.replace(os.sep, "/")

@@ -17,7 +17,8 @@ from typing import Any
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
-SPLITS = ("train", "valid")
+TRAIN, VALID = "train", "valid"  # the split names, here and nowhere else
+SPLITS = (TRAIN, VALID)  # in shard-name and meta.json order
 LABEL_EXT = "cls"
 INFO_EXT = "json"
 IMAGE_EXTS = ("jpg", "png", "webp", "gif", "bmp", "tiff")

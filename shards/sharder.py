@@ -1,273 +1,225 @@
-"""`tench shard SRC OUT`: a folder of labelled images -> webdataset tar shards + meta.json.
+"""`tench shard SRC OUT`: labelled images -> webdataset tar shards + meta.json.
 
-The run, in order:
-1. plan (`shards.shard_plan`): list, split, label and shuffle the files, build the vocab
-   from the training labels, and decide which files go in which shard. A validation label
-   missing from the training vocab stops the run here, before any image is read.
-2. check and write (`shards.workers`): worker processes each take one planned shard at a
-   time, fully decode every file of it and write the usable ones; this process fsyncs the
-   finished shards in a background thread.
-3. `meta.json` is written last, atomically. A folder without it is an unfinished run.
+A thin command over the Data Block API: `shard_folder` runs
 
-An error (or Ctrl-C) removes every shard of the run; a kill -9 can leave finished shards
-and hidden `.<name>.<pid>.partial` files (workers notice their sharder is gone and drop
-theirs), but never `meta.json`, and `--force` clears all of them before the next run.
+    ImageList.from_files(SRC).split(splitter).label(labeler).to_shards(OUT)
+
+(`ImageList.from_csv(SRC, CSV)` with --labels-csv), the splitter and labeler picked by
+the flags, and turns every error into a `ShardError` saying what to change:
+
+    labels: the parent folder (default) | --label-regex PATTERN | --labels-csv FILE
+    split:  SRC/train/ and SRC/val/ (default) | --valid-pct P | --split-csv-column COLUMN
+
+The work itself (plan, parallel check-and-write, meta.json) is `shards.shard_run`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import re
 import sys
-import tempfile
-import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from shards.atomic import TMP_SUFFIX
-from shards.blocks import TRAIN, VALID
-from shards.format import META_NAME, SPLITS, shard_name
-from shards.images import pixel_limit
-from shards.meta import build_meta, summary_lines, write_meta
-from shards.shard_plan import (
-    STATS_IMAGES,
-    ShardError,
-    ShardTask,
-    assign_shards,
-    check_src,
-    plan,
-    shard_bytes,
-    spread_stats_sample,
+from shards.blocks import (
+    Labeler,
+    LabelError,
+    Splitter,
+    parent_labeler,
+    random_splitter,
+    regex_labeler,
+    top_folder_splitter,
 )
-from shards.workers import ShardResult, run_tasks
+from shards.files import relative_path
+from shards.items import ImageList, LabeledData
+from shards.labels_csv import LabelsCsv, csv_splitter
+from shards.shard_plan import STATS_IMAGES, ShardError, relative
+from shards.shard_run import ON_ERROR, check_options, check_out
 
-ON_ERROR = ("skip", "fail")
-_OWN_FILE = re.compile(rf"^(({'|'.join(SPLITS)})-\d{{6}}\.tar|{re.escape(META_NAME)})$")
+OUTSIDE = "outside the layout"  # the reason meta.json gives for a file the split left out
 
+EPILOG = """\
+labels (one of):
+  default             the file's folder: SRC/train/<label>/x.jpg or, with --valid-pct,
+                      SRC/<label>/x.jpg; files anywhere else are skipped and reported
+  --label-regex P     one (...) group of P searched in the file name; a name it does not
+                      match is an error. Oxford-IIIT Pets: --label-regex '^(.+)_\\d+\\.jpg$'
+  --labels-csv FILE   rows 'path,label', path relative to SRC, header row optional (needed
+                      for more columns); a row naming a missing file is an error; image
+                      files under SRC that no row names are skipped and reported
+split (one of):
+  default             SRC/train/... trains, SRC/val/... (or valid/) validates
+  --valid-pct P       a fraction P of the files at random, by --seed (same seed, same split)
+  --split-csv-column COLUMN
+                      a column of the labels CSV: train or valid (val), or a boolean as in
+                      fastai's is_valid (true/1: validation)
 
-def default_workers() -> int:
-    """The cores this process may use (respects CPU affinity and container limits)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
-# --- the output folder, progress, the whole run ------------------------------------------
-
-
-def prepare_out(out: Path, src: Path, force: bool) -> None:
-    """Refuse an unusable OUT before any work; with `force`, clear an earlier run's files.
-
-    Only tench's own names are removed (`meta.json` first, then `<split>-NNNNNN.tar` and
-    hidden `.partial` temp files); anything else in OUT is left alone.
-    """
-    if out.resolve() == src.resolve() or out.resolve().is_relative_to(src.resolve()):
-        raise ShardError(f"{out}: OUT is inside SRC {src}; pick an OUT outside it")
-    if out.exists() and not out.is_dir():
-        raise ShardError(f"{out}: OUT exists and is a file, not a folder; pick another OUT")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass  # proves we may create files there (a read-only disk, missing permission)
-    except OSError as e:
-        raise ShardError(f"{out}: cannot write to OUT ({e.strerror or e})") from None
-    existing = sorted(p.name for p in out.iterdir())
-    if existing and not force:
-        raise ShardError(
-            f"{out}: OUT is not empty ({len(existing)} entries, e.g. {existing[0]!r}); pass "
-            "--force to replace an earlier run's shards and meta.json, or pick an empty folder"
-        )
-    if force:
-        (out / META_NAME).unlink(missing_ok=True)  # first: the folder stops looking complete
-        for name in existing:
-            if _OWN_FILE.match(name) or (name.startswith(".") and name.endswith(TMP_SUFFIX)):
-                (out / name).unlink(missing_ok=True)
-
-
-class _Syncer:
-    """fsync finished shards in a background thread, so the disk works while workers decode.
-
-    `wait` returns when every shard and the folder itself are on disk: only then may
-    `meta.json` say the run is complete.
-    """
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tench-fsync")
-        self.pending: list = []
-
-    def add(self, name: str) -> None:
-        self.pending.append(self.pool.submit(fsync_path, self.folder / name))
-
-    def wait(self) -> None:
-        try:
-            for future in self.pending:
-                future.result()
-            fsync_path(self.folder)  # the renames
-        finally:
-            self.stop()
-
-    def stop(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file, or a folder's entries, to disk (folders: where the OS allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except (IsADirectoryError, PermissionError):  # Windows cannot open a folder
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _Progress:
-    """A fastprogress bar on a terminal, a plain line every ~10% elsewhere, or nothing."""
-
-    def __init__(self, total: int, show: bool):
-        self.total, self.show, self.start = total, show, time.perf_counter()
-        self.done, self.next_line, self.bar = 0, 0, None
-        if show and sys.stdout.isatty():
-            from fastprogress.fastprogress import progress_bar
-
-            self.bar = progress_bar(range(total))
-            self.bar.update(0)
-
-    def add(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(self.done)
-        elif self.show and (self.done >= self.next_line or self.done == self.total):
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            print(f"checked {self.done:,}/{self.total:,} files ({rate:,.0f}/s)", flush=True)
-            self.next_line = self.done + max(1, self.total // 10)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            print(flush=True)  # the bar leaves the cursor at the end of its line
-
-
-def write_shards(
-    src: Path, out: Path, tasks: list[ShardTask], *, workers: int, max_pixels: int | None,
-    max_size: int | None, on_error: str, progress: bool,
-) -> list[ShardResult]:  # fmt: skip
-    """Run every task; the results in shard order. On any error no shard of the plan is left."""
-    bar = _Progress(sum(len(t.jobs) for t in tasks), progress)
-    sizes = {(t.split, t.index): len(t.jobs) for t in tasks}
-    results: list[ShardResult] = []
-    syncer = _Syncer(out)
-    try:
-        for result in run_tasks(out, tasks, workers, src=src, max_pixels=max_pixels,
-                                max_size=max_size, stop_at_error=on_error == "fail"):
-            if result.failure:
-                raise ShardError(f"{result.failure} (--on-error fail)")
-            if result.shard is not None:
-                syncer.add(result.shard.name)
-            results.append(result)
-            bar.add(sizes[(result.split, result.index)])
-        bar.close()
-        syncer.wait()
-    except BaseException:
-        syncer.stop()
-        for task in tasks:  # the pool has stopped: no worker can still be writing
-            (out / shard_name(task.split, task.index)).unlink(missing_ok=True)
-        raise
-    return sorted(results, key=lambda r: (SPLITS.index(r.split), r.index))
-
-
-# --- the API and the command -------------------------------------------------------------
+In Python: ImageList.from_files(SRC).split(splitter).label(labeler).to_shards(OUT)."""
 
 
 def shard_folder(
     src: str | Path, out: str | Path, *, valid_pct: float | None = None, seed: int = 0,
-    shard_size: int | None = None, max_count: int | None = None, max_size: int | None = None,
-    workers: int | None = None, on_error: str = "skip", force: bool = False,
-    progress: bool = True, max_pixels: int | None = None, stats_images: int = STATS_IMAGES,
+    label_regex: str | None = None, labels_csv: str | Path | None = None,
+    split_csv_column: str | None = None, shard_size: int | None = None,
+    max_count: int | None = None, max_size: int | None = None, processes: int | None = None,
+    on_error: str = "skip", force: bool = False, progress: bool = True,
+    max_pixels: int | None = None, stats_images: int = STATS_IMAGES,
 ) -> dict:  # fmt: skip
-    """Shard the images under `src` into `out`; return the `meta.json` object written.
+    """Shard the images under `src` into `out`, labelled and split as `tench shard`'s flags
+    say (see EPILOG); return the `meta.json` object written. Raises `ShardError`.
 
-    `valid_pct`: split a flat tree of class folders at random (by `seed`) instead of the
-    ImageNet layout. `max_pixels`: refuse images with more pixels (default: Pillow's
-    decompression-bomb limit). `stats_images`: training images sampled for the mean/std
-    (all when there are fewer). `progress`: show a progress bar and print the summary.
-    Raises `ShardError` (a clear message) for anything that stops the run.
+    `seed` picks both the random split and the shuffle. The rest: see
+    `shards.shard_run.shard_data`.
     """
     src, out = Path(src), Path(out)
-    _check_options(valid_pct, shard_size, max_count, max_size, workers, on_error, max_pixels)
-    workers = default_workers() if workers is None else workers
-    start = time.perf_counter()
-    check_src(src)
-    made_out = not out.exists()
-    prepare_out(out, src, force)
-    try:
-        plan_ = plan(src, valid_pct, seed)
-        tasks = [
-            task for split in SPLITS for task in assign_shards(
-                split, plan_.jobs[split], shard_bytes(plan_.jobs[split], shard_size, workers),
-                max_count)
-        ]  # fmt: skip
-        spread_stats_sample(tasks, stats_images)
-        results = write_shards(src, out, tasks, workers=workers, max_pixels=max_pixels,
-                               max_size=max_size, on_error=on_error, progress=progress)
-        shards = {split: [r.shard for r in results if r.split == split and r.shard]
-                  for split in SPLITS}
-        skipped = [entry for r in results for entry in r.skipped]
-        if not shards[TRAIN]:
-            for info in shards[VALID]:
-                (out / info.name).unlink(missing_ok=True)
-            raise ShardError(
-                f"{src}: none of the {len(plan_.jobs[TRAIN])} training files is a usable "
-                f"image, e.g. {skipped[0]['path']}: {skipped[0]['reason']}"
-            )
-    except BaseException:
-        if made_out:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only if this run made it and left it empty
-        raise
-    histogram = sum(r.histogram for r in results)
-    formats = sum((r.formats for r in results), Counter())
-    meta = build_meta(
-        plan_.vocab, shards, histogram, sum(r.stats_images for r in results),
-        plan_.skipped + skipped,
-        layout=plan_.layout, source=str(src.resolve()),
-        options={"valid_pct": valid_pct, "seed": seed, "shard_size": shard_size,
-                 "max_count": max_count, "max_size": max_size,
-                 "max_pixels": pixel_limit(max_pixels)},
-        reencoded=sum(r.reencoded for r in results), formats=dict(sorted(formats.items())),
-    )  # fmt: skip
-    write_meta(out, meta)
-    if progress:
-        for line in summary_lines(meta, time.perf_counter() - start):
-            print(line)
-        print(f"wrote {out / META_NAME}")
-    return meta
-
-
-def _check_options(valid_pct, shard_size, max_count, max_size, workers, on_error, max_pixels):
     if valid_pct is not None and not 0.0 < valid_pct < 1.0:
         raise ShardError(f"--valid-pct must be between 0 and 1 (a fraction), got {valid_pct}")
-    for name, value in (("--shard-size", shard_size), ("--max-count", max_count),
-                        ("--max-size", max_size), ("--workers", workers),
-                        ("--max-pixels", max_pixels)):  # fmt: skip
-        if value is not None and value < 1:
-            raise ShardError(f"{name} must be at least 1, got {value}")
-    if on_error not in ON_ERROR:
-        raise ShardError(f"--on-error must be one of {ON_ERROR}, got {on_error!r}")
+    check_options(shard_size=shard_size, max_count=max_count, max_size=max_size,
+                  processes=processes, on_error=on_error, max_pixels=max_pixels)  # fmt: skip
+    check_src(src)
+    check_out(out, src, force)  # before listing SRC: a mistyped OUT fails at once
+    data, layout = folder_data(src, valid_pct=valid_pct, seed=seed, label_regex=label_regex,
+                               labels_csv=labels_csv, split_csv_column=split_csv_column)
+    options: dict[str, Any] = {"valid_pct": valid_pct}
+    for name, value in (("label_regex", label_regex), ("labels_csv", labels_csv),
+                        ("split_csv_column", split_csv_column)):  # fmt: skip
+        if value is not None:  # only when used, so meta.json of a folder run stays the same
+            options[name] = str(value)
+    return data.to_shards(
+        out, seed=seed, shard_size=shard_size, max_count=max_count, max_size=max_size,
+        processes=processes, on_error=on_error, force=force, progress=progress,
+        max_pixels=max_pixels, stats_images=stats_images, layout=layout, options=options,
+    )  # fmt: skip
+
+
+def folder_data(
+    src: Path, *, valid_pct: float | None = None, seed: int = 0, label_regex: str | None = None,
+    labels_csv: str | Path | None = None, split_csv_column: str | None = None,
+) -> tuple[LabeledData, str]:  # fmt: skip
+    """The labelled files `tench shard` would write, and the layout name for meta.json."""
+    if label_regex is not None and labels_csv is not None:
+        raise ShardError("--label-regex and --labels-csv both give the labels; pass one")
+    if split_csv_column is not None and labels_csv is None:
+        raise ShardError("--split-csv-column names a column of --labels-csv; pass that too")
+    if split_csv_column is not None and valid_pct is not None:
+        raise ShardError("--valid-pct and --split-csv-column both give the split; pass one")
+    by_folder = label_regex is None and labels_csv is None
+    layout = choose_layout(src, valid_pct, split_csv_column, by_folder, labels_csv is not None)
+    try:
+        labels = None if labels_csv is None else LabelsCsv(labels_csv, src)
+        labeler: Labeler = parent_labeler
+        if label_regex is not None:
+            labeler = _regex(label_regex)
+        if labels is None:
+            items = ImageList.from_files(src)
+            if not items.items and not items.skipped:
+                raise ShardError(f"{src}: SRC holds no files (hidden files are ignored)")
+        else:
+            labeler = labels
+            if not len(labels):
+                raise ShardError(f"{labels_csv}: no rows; expected 'path,label' rows")
+            items = ImageList.from_csv(src, labels)
+        splitter, where = _splitter(layout, src, valid_pct, seed, by_folder, labels,
+                                    split_csv_column)  # fmt: skip
+        split = items.split(splitter, left_out=f"{OUTSIDE}: not in {where}")
+        if not split.train.items:
+            left_out = sorted((relative(p, src) for p, _ in split.skipped), key=Path)
+            raise ShardError(
+                f"{src}: no training images (files with an image extension in {where}); "
+                f"{len(left_out)} files left out, e.g. {left_out[0] if left_out else '-'}"
+            )
+        return split.label(labeler), layout
+    except LabelError as e:
+        raise ShardError(str(e)) from None
+
+
+def check_src(src: Path) -> None:
+    if not src.exists():
+        raise ShardError(f"{src}: SRC does not exist")
+    if not src.is_dir():
+        raise ShardError(f"{src}: SRC is a file; expected a folder of images")
+
+
+def choose_layout(src: Path, valid_pct: float | None, split_csv_column: str | None,
+                  by_folder: bool, has_csv: bool) -> str:  # fmt: skip
+    """How to split: "imagenet" (train/ and val/ folders), "flat" (random) or "csv"."""
+    if split_csv_column is not None:
+        return "csv"
+    has_train = (src / "train").is_dir()
+    has_valid = (src / "val").is_dir() or (src / "valid").is_dir()
+    if valid_pct is None:
+        if not has_train:
+            csv_hint = ", or --split-csv-column COLUMN to split by the CSV" if has_csv else ""
+            raise ShardError(
+                f"{src}: no train/ folder; for the ImageNet layout put images in "
+                "train/<class>/ and val/<class>/, or for a flat tree of class folders pass "
+                f"--valid-pct P (e.g. 0.2){csv_hint}"
+            )
+        return "imagenet"
+    if by_folder and has_train and has_valid:
+        raise ShardError(
+            f"{src}: has train/ and val/ folders (ImageNet layout), which --valid-pct would "
+            "treat as two classes; drop --valid-pct"
+        )
+    return "flat"
+
+
+def _regex(pattern: str) -> Labeler:
+    try:
+        return regex_labeler(pattern)
+    except re.error as e:
+        raise ShardError(f"--label-regex {pattern!r} is not a regular expression: {e}") from None
+    except ValueError as e:
+        raise ShardError(f"--label-regex: {e}") from None
+
+
+def _splitter(layout: str, src: Path, valid_pct: float | None, seed: int, by_folder: bool,
+              labels: LabelsCsv | None, column: str | None) -> tuple[Splitter, str]:  # fmt: skip
+    """The splitter for `layout` and where it takes files from (for messages).
+
+    With folder labels a file must sit in a class folder at the layout's class level
+    (SRC/train/<class>/x.jpg, or SRC/<class>/x.jpg with --valid-pct); others are left out.
+    """
+    if layout == "csv":
+        return csv_splitter(labels, column), f"{labels.csv_path} with a {column!r} value"
+    if layout == "imagenet":
+        splitter = top_folder_splitter(src)
+        if not by_folder:
+            return splitter, "train/, val/ or valid/"
+        return _at_depth(splitter, src, 3), "a class folder directly under train/ or val/"
+    splitter = random_splitter(valid_pct, seed, root=src)
+    if not by_folder:
+        return splitter, "SRC"
+    return _at_depth(splitter, src, 2), "a class folder directly under SRC"
+
+
+def _at_depth(splitter: Splitter, root: Path, depth: int) -> Splitter:
+    """`splitter` for files `depth` path parts below `root`; None for any other file."""
+
+    def split(path: Path) -> str | None:
+        return splitter(path) if relative_path(path, root).count("/") == depth - 1 else None
+
+    return split
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("src", metavar="SRC", type=Path,
-                        help="train/<class>/ + val/<class>/ (ImageNet layout), or <class>/ "
-                             "folders with --valid-pct")  # fmt: skip
+                        help="the image folder: train/<class>/ + val/<class>/ (ImageNet "
+                             "layout), or any tree with the flags below")  # fmt: skip
     parser.add_argument("out", metavar="OUT", type=Path, help="folder for the shards and meta.json")
+    parser.add_argument("--label-regex", metavar="PATTERN", default=None,
+                        help="label = the one (...) group of PATTERN in the file name")
+    parser.add_argument("--labels-csv", metavar="FILE", type=Path, default=None,
+                        help="label = the CSV's label for the file: rows 'path,label', path "
+                             "relative to SRC; files it does not name are skipped")  # fmt: skip
     parser.add_argument("--valid-pct", type=float, default=None,
-                        help="a flat tree of class folders: the fraction of files (e.g. 0.2, "
-                             "drawn by --seed) that go to validation")  # fmt: skip
+                        help="split at random: the fraction of files (e.g. 0.2, drawn by "
+                             "--seed) that go to validation")  # fmt: skip
+    parser.add_argument("--split-csv-column", metavar="COLUMN", default=None,
+                        help="split by this column of --labels-csv (train/valid, or "
+                             "true/false as in fastai's is_valid)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="split and shuffle seed")
     parser.add_argument("--shard-size", type=int, default=None,
                         help="bytes per shard (default 256 MB, smaller for small sets)")
@@ -277,9 +229,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: keep the original bytes)")  # fmt: skip
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="skip images with more pixels (default Pillow's bomb limit)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes that read, check and write shards (default: all "
-                             "cores)")  # fmt: skip
+    parser.add_argument("--processes", type=int, default=None,
+                        help="sharder processes that read, check and write shards (default: "
+                             "all cores)")  # fmt: skip
     parser.add_argument("--on-error", choices=ON_ERROR, default="skip",
                         help="a file that is not a usable image: skip it and report it (default) "
                              "or stop the run")  # fmt: skip
@@ -291,9 +243,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         shard_folder(
             args.src, args.out, valid_pct=args.valid_pct, seed=args.seed,
-            shard_size=args.shard_size, max_count=args.max_count, max_size=args.max_size,
-            workers=args.workers, on_error=args.on_error, force=args.force,
-            max_pixels=args.max_pixels,
+            label_regex=args.label_regex, labels_csv=args.labels_csv,
+            split_csv_column=args.split_csv_column, shard_size=args.shard_size,
+            max_count=args.max_count, max_size=args.max_size, processes=args.processes,
+            on_error=args.on_error, force=args.force, max_pixels=args.max_pixels,
         )  # fmt: skip
     except ShardError as e:
         print(f"tench shard: {e}", file=sys.stderr)

@@ -4,7 +4,7 @@ Each task is one shard decided by `shards.shard_plan`; its worker reads, fully d
 (`shards.images`) and writes every usable file with `ShardWriter`, under a temporary name
 renamed when complete. A worker holds one image at a time, so memory stays flat however
 large SRC is, and since every shard's contents were fixed by the plan, the shards are the
-same, byte for byte, for any number of workers. Workers whose sharder has been killed
+same, byte for byte, for any number of processes. Workers whose sharder has been killed
 (kill -9) notice, drop their shard in progress and exit.
 """
 
@@ -28,7 +28,7 @@ from shards.images import BadImage, check_file
 from shards.shard_plan import ShardTask
 from shards.writer import ShardInfo, ShardWriter
 
-IN_FLIGHT_PER_WORKER = 2  # shard tasks submitted per worker: the next one is always ready
+IN_FLIGHT_PER_PROCESS = 2  # shard tasks submitted per process: the next one is always ready
 WATCH_SECONDS = 1.0  # how often an idle worker checks that the sharder is still there
 
 
@@ -126,18 +126,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def run_tasks(out: Path, tasks: list[ShardTask], workers: int, **options) -> Iterator[ShardResult]:
-    """Results of `write_shard` for every task, as they finish; `workers` processes (1: here).
+def run_tasks(
+    out: Path, tasks: list[ShardTask], processes: int, **options
+) -> Iterator[ShardResult]:
+    """Results of `write_shard` for every task, as they finish, from `processes` pool
+    processes (1: in this one).
 
-    At most IN_FLIGHT_PER_WORKER tasks per worker are submitted at once; each task holds
+    At most IN_FLIGHT_PER_PROCESS tasks per process are submitted at once; each task holds
     one image at a time, so memory stays flat whatever the size of SRC.
     """
-    workers = min(workers, len(tasks))
-    if workers <= 1:
+    processes = min(processes, len(tasks))
+    if processes <= 1:
         for task in tasks:
             yield write_shard(out, task, **options)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=worker_context(),
+    pool = ProcessPoolExecutor(processes, mp_context=worker_context(),
                                initializer=_watch_parent, initargs=(os.getpid(),))
     # biggest shards first: the small last shard of each split fills in at the end
     ordered = sorted(tasks, key=lambda task: sum(job.size for job in task.jobs), reverse=True)
@@ -145,7 +148,7 @@ def run_tasks(out: Path, tasks: list[ShardTask], workers: int, **options) -> Ite
         running = set()
         for task in ordered:
             running.add(pool.submit(write_shard, out, task, parent_pid=os.getpid(), **options))
-            if len(running) < IN_FLIGHT_PER_WORKER * workers:
+            if len(running) < IN_FLIGHT_PER_PROCESS * processes:
                 continue
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:

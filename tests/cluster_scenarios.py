@@ -147,7 +147,7 @@ def make_shards(work: Path) -> Path:
     shards = work / "shards"
     if not (shards / "meta.json").is_file():
         make_sample(work / "images", per_class=5, valid_per_class=2, seed=0)
-        shard_folder(work / "images", shards, shard_size=20, workers=1, progress=False,
+        shard_folder(work / "images", shards, shard_size=20, processes=1, progress=False,
                      stats_images=50)
     return shards
 

@@ -26,7 +26,9 @@ from PIL import Image
 from shards.format import META_NAME
 from shards.images import check_image
 from shards.inspect import inspect_folder
-from shards.sharder import ShardError, plan, prepare_out, shard_folder
+from shards.shard_plan import plan
+from shards.shard_run import prepare_out
+from shards.sharder import ShardError, folder_data, shard_folder
 from tests.test_sharder import image_bytes, read_shards
 
 pytestmark = pytest.mark.timeout(120)  # a symlink loop must not hang the run
@@ -134,7 +136,7 @@ def sharded(tmp_path_factory) -> tuple[Path, Path, dict, dict]:
     (src / "train/dog/self.jpg").symlink_to("self.jpg")
     (src / "train/cat/loop").symlink_to("..", target_is_directory=True)  # train/cat/loop -> train
     out = root / "out"
-    meta = shard_folder(src, out, workers=2, progress=False)
+    meta = shard_folder(src, out, processes=2, progress=False)
     samples = {s["info"]["path"]: s for s in read_shards(out).values()}
     return src, out, meta, samples
 
@@ -247,7 +249,7 @@ def test_on_error_fail_names_the_file_and_leaves_no_shards(tmp_path, capsys):
         (src / f"train/cat/{i}.jpg").write_bytes(image_bytes(i))
     bad = src / "train/cat/3.jpg"
     bad.write_bytes(bad.read_bytes()[:40])
-    order = [job.rel for job in plan(src).jobs["train"]]
+    order = [job.rel for job in plan(folder_data(src)[0]).jobs["train"]]
     assert order.index("train/cat/3.jpg") >= 2  # so shards are finished before the error
     out.mkdir()
     with pytest.raises(ShardError, match=rf"{bad}: corrupt image: .*--on-error fail"):
@@ -373,7 +375,7 @@ def test_kill_9_mid_run_leaves_nothing_that_looks_complete(tmp_path):
         (src / f"train/c{i % 4}").mkdir(parents=True, exist_ok=True)
         noise = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
         (src / f"train/c{i % 4}/{i}.jpg").write_bytes(_encode(Image.fromarray(noise), "JPEG"))
-    command = [sys.executable, "-m", "shards.sharder", str(src), str(out), "--workers", "2",
+    command = [sys.executable, "-m", "shards.sharder", str(src), str(out), "--processes", "2",
                "--max-count", "5"]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)

@@ -6,13 +6,14 @@ import pytest
 from shards.blocks import (
     CategoryProcessor,
     LabelError,
-    csv_labeler,
     func_splitter,
     grandparent_splitter,
     parent_labeler,
+    partition_items,
     random_splitter,
     regex_labeler,
     split_items,
+    top_folder_splitter,
 )
 from shards.files import get_files
 from shards.vocab import Vocab
@@ -112,41 +113,32 @@ def test_parent_labeler():
     assert parent_labeler("d/train/golf ball/ü.jpg") == "golf ball"
 
 
-def test_regex_labeler_first_group_and_clear_error():
+def test_regex_labeler_one_group_on_the_file_name_and_clear_errors():
     label = regex_labeler(r"^([a-z]+)_\d+\.")
     assert label(Path("any/where/tench_12.jpg")) == "tench"
+    assert regex_labeler(r"^(.+)_\d+\.jpg$")("pets/great_pyrenees_12.jpg") == "great_pyrenees"
+    assert regex_labeler(r"^((?:a|b)+)_")(Path("x_1/abba_2.png")) == "abba"  # name, not folder
     with pytest.raises(LabelError, match=r"Tench-12\.jpg.*regex"):
         label(Path("any/Tench-12.jpg"))
-    with pytest.raises(ValueError, match="no group"):
+    with pytest.raises(ValueError, match="0 capturing groups, expected exactly 1"):
         regex_labeler(r"\d+")
+    with pytest.raises(ValueError, match="2 capturing groups"):
+        regex_labeler(r"^([a-z]+)_(\d+)")
 
 
-def _csv(path, text):
-    path.write_text(text, encoding="utf-8")
-    return path
+def test_top_folder_splitter_splits_by_the_first_folder_under_root(tmp_path):
+    split = top_folder_splitter(tmp_path)
+    assert split(tmp_path / "train/cat/a.jpg") == split(tmp_path / "train/a.jpg") == "train"
+    assert split(tmp_path / "val/a.jpg") == split(tmp_path / "valid/x/y/a.jpg") == "valid"
+    assert split(tmp_path / "test/a.jpg") is None
+    assert split(tmp_path / "train.jpg") is None  # a file directly in root
+    for rel in ("train/cat/a.jpg", "val/dog/b.jpg", "other/cat/c.jpg"):  # = grandparent
+        assert split(tmp_path / rel) == grandparent_splitter(tmp_path / rel)
 
 
-def test_csv_labeler_relative_paths_header_and_missing_file(tmp_path):
-    root = tmp_path / "imgs"
-    csv_path = _csv(tmp_path / "labels.csv", "path,label\na/1.jpg,cat\n./b/2.jpg,dog\n\n")
-    label = csv_labeler(csv_path, root)
-    assert label(root / "a" / "1.jpg") == "cat"
-    assert label(root / "b" / "2.jpg") == "dog"
-    with pytest.raises(LabelError, match=r"3\.jpg.*labels\.csv"):
-        label(root / "a" / "3.jpg")
-
-
-def test_csv_labeler_without_header_and_with_bom(tmp_path):
-    csv_path = tmp_path / "l.csv"
-    csv_path.write_bytes("\ufeffx.png,zèbre\n".encode())
-    assert csv_labeler(csv_path, tmp_path)(tmp_path / "x.png") == "zèbre"
-
-
-def test_csv_labeler_bad_rows_name_the_line(tmp_path):
-    with pytest.raises(LabelError, match=r"bad\.csv:2"):
-        csv_labeler(_csv(tmp_path / "bad.csv", "a.jpg,cat\nb.jpg\n"), tmp_path)
-    with pytest.raises(LabelError, match=r"dup\.csv:2.*'cat'.*'dog'"):
-        csv_labeler(_csv(tmp_path / "dup.csv", "a.jpg,cat\na.jpg,dog\n"), tmp_path)
+def test_partition_items_keeps_what_the_splitter_leaves_out():
+    sides = {1: "train", 2: "valid", 3: None, 4: "train"}
+    assert partition_items([1, 2, 3, 4], sides.get) == ([1, 4], [2], [3])
 
 
 # --- CategoryProcessor -----------------------------------------------------------------

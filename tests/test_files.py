@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.files import get_files, image_extensions, normalise_extensions
+from shards.files import get_files, image_extensions, normalise_extensions, relative_path
 
 
 def _touch(root: Path, *names: str) -> None:
@@ -137,3 +137,14 @@ def test_empty_folder_gives_empty_list(tmp_path):
 
 def test_accepts_str_path(tree):
     assert get_files(str(tree), [".webp"]) == [tree / "train/dog/deep/d.webp"]
+
+
+def test_relative_path_by_string_or_os_path_gives_the_same_answer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = Path("images")
+    assert relative_path(root / "train/cat/a.jpg", root) == "train/cat/a.jpg"  # by string
+    assert relative_path("images/./train//a.jpg", "images/") == "train/a.jpg"
+    assert relative_path(tmp_path / "images/b.jpg", "./images") == "b.jpg"  # through os.path
+    assert relative_path("a/b.jpg", ".") == "a/b.jpg"
+    assert relative_path("other/c.jpg", root) == "../other/c.jpg"
+    assert relative_path("imagesX/d.jpg", root) == "../imagesX/d.jpg"  # not a mere prefix

@@ -63,7 +63,7 @@ def state_equal(a: dict, b: dict) -> bool:
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("fit")
     make_sample(root / "images", per_class=6, valid_per_class=2, seed=0)
-    shard_folder(root / "images", root / "shards", workers=1, progress=False)
+    shard_folder(root / "images", root / "shards", processes=1, progress=False)
     return root
 
 
@@ -166,7 +166,7 @@ def test_resume_refuses_a_checkpoint_from_other_shards(data, full_run, capsys):
     shutil.copytree(data / "images", other)
     for split in ("train", "val"):
         shutil.rmtree(other / split / "star")  # nine classes: another vocab
-    shard_folder(other, data / "other_shards", workers=1, progress=False)
+    shard_folder(other, data / "other_shards", processes=1, progress=False)
     run = data / "copied_run"
     shutil.copytree(full_run[0], run)
     before = {p.name: p.read_bytes() for p in run.iterdir()}

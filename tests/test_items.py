@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.items import ImageList, ItemList, LabeledData, SplitData, compose
 from shards.blocks import (
     CategoryProcessor,
     LabelError,
@@ -14,6 +13,7 @@ from shards.blocks import (
     random_splitter,
     regex_labeler,
 )
+from shards.items import ImageList, ItemList, LabeledData, SplitData, compose
 
 
 class Add:
@@ -194,3 +194,100 @@ def test_flat_folder_random_split_and_regex_labels(tmp_path):
     assert len(sd.train) + len(sd.valid) == 40 and 0 < len(sd.valid) < 20
     ld = sd.label(regex_labeler(r"^([a-z]+)_"))
     assert set(ld.train.label_names) == {"ant", "bee"}
+
+
+# --- what is left out, and why ------------------------------------------------------------
+
+
+def test_from_files_keeps_the_files_it_did_not_take_with_the_reason(folder):
+    il = ImageList.from_files(folder)
+    assert il.skipped == [(folder / "train/dog/notes.txt", "no image extension: .txt")]
+    everything = ImageList.from_files(folder, extensions=None)
+    assert len(everything) == 12 and everything.skipped == []
+    pngs = ImageList.from_files(folder, extensions=["png"])
+    assert pngs.items == [folder / "train/dog/dog_9.PNG"] and len(pngs.skipped) == 11
+    assert pngs.skipped[0][1] == "extension not asked for: .jpg"
+
+
+def test_split_adds_what_the_splitter_leaves_out_and_label_carries_it(folder):
+    _image(folder / "stray.jpg")
+    _image(folder / "test" / "cat" / "t.jpg")
+    sd = ImageList.from_files(folder).split(grandparent_splitter, left_out="not train/val")
+    assert [(p.relative_to(folder).as_posix(), why) for p, why in sd.skipped] == [
+        ("train/dog/notes.txt", "no image extension: .txt"),
+        ("stray.jpg", "not train/val"), ("test/cat/t.jpg", "not train/val")]
+    assert sd.train.skipped == []  # the lists hold items; the split holds what it left out
+    ld = sd.label(parent_labeler)
+    assert ld.skipped == sd.skipped and ld.path == folder
+    default = ImageList.from_files(folder).split(grandparent_splitter)
+    assert default.skipped[-1] == (folder / "test/cat/t.jpg", "left out by the splitter")
+
+
+def test_from_csv_takes_the_rows_and_reports_unlisted_files(folder):
+    csv_path = folder.parent / "labels.csv"
+    csv_path.write_text("path,label\nval/dog/dog_1.jpg,hound\ntrain/cat/cat_0.jpg,kitty\n"
+                        "train/cat/cat_2.jpg,kitty\n")
+    il = ImageList.from_csv(folder, csv_path)
+    assert il.items == [folder / "train/cat/cat_0.jpg", folder / "train/cat/cat_2.jpg",
+                        folder / "val/dog/dog_1.jpg"]  # sorted, whatever the CSV's order
+    reasons = dict((p.relative_to(folder).as_posix(), why) for p, why in il.skipped)
+    assert len(reasons) == 12 - 3
+    assert reasons["train/dog/dog_9.PNG"] == "not in the labels CSV: labels.csv"
+    assert reasons["train/dog/notes.txt"] == "no image extension: .txt"
+    assert isinstance(il[0], Image.Image)
+
+
+def test_from_csv_names_the_row_of_a_file_that_does_not_exist(folder):
+    csv_path = folder.parent / "labels.csv"
+    csv_path.write_text("path,label\ntrain/cat/cat_0.jpg,cat\ntrain/cat/cat_7.jpg,cat\n")
+    with pytest.raises(LabelError, match=r"labels\.csv:3: 'train/cat/cat_7\.jpg' does not exist"):
+        ImageList.from_csv(folder, csv_path)
+
+
+def test_label_counts_every_file_it_cannot_label_and_names_the_first(folder):
+    sd = ImageList.from_files(folder).split(grandparent_splitter)
+    with pytest.raises(LabelError, match=r"^6 of the 11 files cannot be labelled; e\.g\. "
+                                         r".*dog_0\.jpg: file name does not match"):
+        sd.label(regex_labeler(r"^(cat)_"))  # the 5 cats match, the 6 dogs do not
+    with pytest.raises(LabelError, match=r"^none of the 11 files can be labelled; e\.g\. "
+                                         r".*cat_0\.jpg"):
+        sd.label(regex_labeler(r"^(emu)_"))
+
+
+def test_an_unseen_validation_label_names_the_label_and_the_file(folder):
+    _image(folder / "val" / "fox" / "fox_0.jpg")
+    sd = ImageList.from_files(folder).split(grandparent_splitter)
+    with pytest.raises(LabelError, match=r"validation label 'fox' \(e\.g\. val/fox/fox_0\.jpg\) "
+                                         r"has no training images.*\['cat', 'dog'\]"):
+        sd.label(parent_labeler)
+
+
+# --- to_shards ----------------------------------------------------------------------------
+
+
+def test_the_notebook_flow_ends_in_shards(folder, tmp_path_factory):
+    import json
+    import tarfile
+
+    out = tmp_path_factory.mktemp("shards") / "out"
+    data = ImageList.from_files(folder).split(grandparent_splitter).label(parent_labeler)
+    meta = data.to_shards(out, seed=3, processes=1, progress=False)
+    assert meta["vocab"] == ["cat", "dog"] and meta["layout"] is None
+    assert meta["splits"]["train"]["count"] == 7 and meta["splits"]["valid"]["count"] == 4
+    notes = {"path": "train/dog/notes.txt", "reason": "no image extension: .txt"}
+    assert meta["skipped"] == [notes]
+    assert meta["source"] == str(folder.resolve()) and meta["options"]["seed"] == 3
+    seen = {}
+    for split, info in meta["splits"].items():
+        for shard in info["shards"]:
+            with tarfile.open(out / shard["name"]) as tar:
+                members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+            for name, data_ in members.items():
+                if name.endswith(".json"):
+                    record = json.loads(data_)
+                    index = int(members[name[: -len("json")] + "cls"])
+                    seen[record["path"]] = (split, record["label"], index)
+    assert len(seen) == 11
+    for rel, (split, label, index) in seen.items():
+        assert split == ("train" if rel.startswith("train/") else "valid")
+        assert label == rel.split("/")[1] and index == meta["vocab"].index(label)

@@ -15,7 +15,7 @@ from PIL import Image
 from shards.blocks import random_splitter
 from shards.format import decode_label, read_meta, sample_key
 from shards.inspect import inspect_folder
-from shards.sharder import ShardError, shard_folder
+from shards.sharder import ShardError, folder_data, shard_folder
 from shards.workers import worker_context
 from trainer.cli import main as cli_main
 
@@ -93,7 +93,7 @@ def read_shards(out: Path) -> dict[str, dict]:
 
 def test_every_image_once_with_label_path_and_original_bytes(tmp_path):
     files = make_tree(tmp_path / "src")
-    meta = shard_folder(tmp_path / "src", tmp_path / "out", workers=2, progress=False)
+    meta = shard_folder(tmp_path / "src", tmp_path / "out", processes=2, progress=False)
     assert meta == read_meta(tmp_path / "out")  # written, validated, and what was returned
     assert meta["vocab"] == list(CLASSES)
     samples = read_shards(tmp_path / "out")
@@ -115,7 +115,7 @@ def test_every_image_once_with_label_path_and_original_bytes(tmp_path):
 
 def test_small_sets_get_several_shards_each_mixing_classes(tmp_path):
     make_tree(tmp_path / "src", train=20, valid=6)
-    meta = shard_folder(tmp_path / "src", tmp_path / "out", workers=1, progress=False)
+    meta = shard_folder(tmp_path / "src", tmp_path / "out", processes=1, progress=False)
     samples = read_shards(tmp_path / "out")
     train_shards = meta["splits"]["train"]["shards"]
     assert len(train_shards) >= 2 and len(meta["splits"]["valid"]["shards"]) >= 2
@@ -127,9 +127,9 @@ def test_small_sets_get_several_shards_each_mixing_classes(tmp_path):
 
 def test_same_seed_same_shards_whatever_the_worker_count(tmp_path):
     make_tree(tmp_path / "src", train=12, valid=4)
-    one = shard_folder(tmp_path / "src", tmp_path / "a", workers=1, progress=False)
-    two = shard_folder(tmp_path / "src", tmp_path / "b", workers=2, progress=False)
-    other = shard_folder(tmp_path / "src", tmp_path / "c", workers=2, seed=1, progress=False)
+    one = shard_folder(tmp_path / "src", tmp_path / "a", processes=1, progress=False)
+    two = shard_folder(tmp_path / "src", tmp_path / "b", processes=2, progress=False)
+    other = shard_folder(tmp_path / "src", tmp_path / "c", processes=2, seed=1, progress=False)
     assert one["splits"] == two["splits"]
     assert one["stats"] == two["stats"]
     assert other["splits"] != one["splits"]  # another seed, another order
@@ -140,13 +140,13 @@ def test_a_caller_running_threads_gets_forkserver_workers_and_the_same_shards(tm
     import threading
 
     make_tree(tmp_path / "src", train=6, valid=2)
-    alone = shard_folder(tmp_path / "src", tmp_path / "a", workers=2, progress=False)
+    alone = shard_folder(tmp_path / "src", tmp_path / "a", processes=2, progress=False)
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)  # a thread that might hold a lock at fork
     other.start()
     try:
         assert worker_context().get_start_method() == "forkserver"
-        threaded = shard_folder(tmp_path / "src", tmp_path / "b", workers=2, progress=False)
+        threaded = shard_folder(tmp_path / "src", tmp_path / "b", processes=2, progress=False)
     finally:
         stop.set()
         other.join()
@@ -215,7 +215,8 @@ def test_planned_shard_sizes_are_the_written_sizes_in_copy_mode(tmp_path):
 
     make_tree(tmp_path / "src", train=12, valid=3)
     meta = shard_folder(tmp_path / "src", tmp_path / "out", shard_size=40_000, progress=False)
-    tasks = assign_shards("train", plan(tmp_path / "src").jobs["train"], 40_000, None)
+    data, _ = folder_data(tmp_path / "src")
+    tasks = assign_shards("train", plan(data).jobs["train"], 40_000, None)
     planned = [tar_bytes(sum(_estimated_sample_size(job) for job in t.jobs)) for t in tasks]
     written = [s["bytes"] for s in meta["splits"]["train"]["shards"]]
     assert written == planned and max(written) <= 40_000 and len(written) > 1
@@ -256,7 +257,7 @@ def test_refuses_a_non_empty_out_and_force_replaces_only_its_own_files(tmp_path)
 def test_cli_shards_then_inspects(tmp_path, capsys):
     make_tree(tmp_path / "src", train=4, valid=2)
     out = tmp_path / "out"
-    assert cli_main(["shard", str(tmp_path / "src"), str(out), "--workers", "2"]) == 0
+    assert cli_main(["shard", str(tmp_path / "src"), str(out), "--processes", "2"]) == 0
     printed = capsys.readouterr().out
     assert "train: 12 images in" in printed and "valid: 6 images in" in printed
     assert "images/s" in printed and "skipped 0 files" in printed

@@ -262,7 +262,7 @@ def test_streams_what_tench_shard_wrote(ray_local, tmp_path):
     from shards.sharder import shard_folder
 
     make_sample(tmp_path / "images", per_class=3, valid_per_class=1)
-    meta = shard_folder(tmp_path / "images", tmp_path / "shards", workers=1, progress=False)
+    meta = shard_folder(tmp_path / "images", tmp_path / "shards", processes=1, progress=False)
     names = [s["name"] for s in meta["splits"]["train"]["shards"]]
     oracle = {s["__key__"]: decode_label(s["cls"]) for s in wds.WebDataset(
         [str(tmp_path / "shards" / n) for n in names], shardshuffle=False)}

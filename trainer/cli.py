@@ -14,7 +14,7 @@ import sys
 
 COMMANDS = {
     "sample": ("shards.sample", "write an offline, folder-labelled sample image set"),
-    "shard": ("shards.sharder", "folder-labelled images -> webdataset tar shards + meta.json"),
+    "shard": ("shards.sharder", "labelled images (folders, file names or a CSV) -> tar shards"),
     "inspect": ("shards.inspect", "summarise a shards folder and check it against meta.json"),
     "fit": ("trainer.fit", "train a model on shards, streaming them through Ray"),
     "predict": ("trainer.predict", "predict classes of image files with a trained run"),
