@@ -2,6 +2,7 @@
 
 from pipeline.batch import Batch
 from pipeline.items import ImageList, ItemList
+from pipeline.settings import StreamSettings
 from pipeline.stream import ShardStream
 
-__all__ = ["Batch", "ImageList", "ItemList", "ShardStream"]
+__all__ = ["Batch", "ImageList", "ItemList", "ShardStream", "StreamSettings"]
