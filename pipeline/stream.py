@@ -197,6 +197,9 @@ class ShardStream:
         vocab: Vocab | None = None,
         **changes,
     ):
+        if settings is not None and not isinstance(settings, StreamSettings):
+            raise TypeError(f"settings must be a StreamSettings, got {settings!r}; give "
+                            "batch_size and the other settings by keyword")
         self.settings = (settings or StreamSettings()).replace(**changes)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")

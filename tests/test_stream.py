@@ -391,6 +391,8 @@ def test_bad_arguments_fail_before_ray(tmp_path):
         ShardStream(tmp_path, batches_per_call=0)
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         ShardStream(tmp_path, batch_size=0)  # before the default batches_per_call divides by it
+    with pytest.raises(TypeError, match="settings must be a StreamSettings"):
+        ShardStream(tmp_path, "train", 64)  # batch_size was the third argument once
     with pytest.raises(TypeError, match="unknown stream setting.*actor_cpus"):
         ShardStream(tmp_path, actor_cpus=1)
     with pytest.raises(ValueError, match="size=32 disagrees"):
