@@ -1,8 +1,10 @@
 """One stream actor: read its shards, shuffle the encoded records, decode + transform, batch.
 
 `ShardReader` is a plain class; `pipeline.stream` runs it as a Ray actor and the tests
-also call it directly. The driver hands it an `ActorTask` per epoch (`start`) and then
-asks for the next few batches per call (`next_batches`), keeping a few calls in flight.
+also call it directly. The driver hands it an `ActorTask` and the item transform chain
+per epoch (`start`; the chain travels once per epoch, so its size may change between
+epochs) and then asks for the next few batches per call (`next_batches`), keeping a few
+calls in flight.
 
 Reproducible: the record order comes from the task (its segments and shuffle seed) and
 every item's random transform draws from a generator seeded by `(seed, epoch, key)`, so
@@ -26,9 +28,8 @@ import torch
 
 from pipeline.decode import DecodeError, decode_image
 from pipeline.plan import ActorTask, Segment
+from pipeline.settings import ON_ERROR
 from pipeline.source import RawSample, ShardReadError, ShardSource, read_segment
-
-ON_ERROR = ("fail", "skip")
 
 
 @dataclass(frozen=True)
@@ -115,15 +116,14 @@ def shuffled(items: Iterable, buffer_size: int, rng: np.random.Generator | None)
 
 
 class ShardReader:
-    """Streams one actor's share of each epoch as uint8 batches of `size` x `size` images."""
+    """Streams one actor's share of each epoch as uint8 batches of the chain's size."""
 
-    def __init__(self, source: ShardSource, item_tfm: Callable, size: int,
-                 on_error: str = "fail", shuffle_buffer: int = 1000):
+    def __init__(self, source: ShardSource, on_error: str = "fail", shuffle_buffer: int = 1000):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        self.source, self.item_tfm, self.size = source, item_tfm, size
-        self.on_error, self.shuffle_buffer = on_error, shuffle_buffer
-        self.decode_size = getattr(item_tfm, "decode_size", None)
+        self.source, self.on_error, self.shuffle_buffer = source, on_error, shuffle_buffer
+        self.item_tfm: Callable | None = None  # this task's chain, set by `start`
+        self.size, self.decode_size = 0, None  # its output side and decode hint
         use_ray_thread_count()  # one actor, one core's work
         self._item_rng = ItemRandom()
         self._token = None
@@ -142,11 +142,17 @@ class ShardReader:
 
         return ray.get_runtime_context().get_node_id()
 
-    def start(self, task: ActorTask, seed: int, epoch: int, token: str,
-              skip_batches: int = 0) -> int:
-        """Begin (or, after a restart, resume) a task; `next_batches(token, n)` then walks it."""
+    def start(self, task: ActorTask, item_tfm: Callable, token: str, skip_batches: int = 0
+              ) -> int:
+        """Begin (or, after a restart, resume) a task; `next_batches(token, n)` then walks it.
+
+        `item_tfm` (a chain with `size` and `decode_size`, see `pipeline.transforms.Compose`)
+        serves this task's batches.
+        """
         self._token, self._skips, self._last_good = token, [], None
-        self._batches = self._iter_batches(task, seed, epoch, skip_batches)
+        self.item_tfm, self.size = item_tfm, item_tfm.size
+        self.decode_size = getattr(item_tfm, "decode_size", None)
+        self._batches = self._iter_batches(task, skip_batches)
         return os.getpid()
 
     def next_batches(self, token: str, count: int = 1) -> list[BatchData]:
@@ -161,14 +167,13 @@ class ShardReader:
         return list(islice(self._batches, count))
 
     # ------------------------------------------------------------------ the pipeline
-    def _iter_batches(self, task: ActorTask, seed: int, epoch: int, skip_batches: int
-                      ) -> Iterator[BatchData]:
+    def _iter_batches(self, task: ActorTask, skip_batches: int) -> Iterator[BatchData]:
         rng = np.random.default_rng(list(task.shuffle_seed)) if task.shuffle_seed else None
         records = shuffled(self._records(task.segments), self.shuffle_buffer, rng)
         for b, n in enumerate(task.batch_sizes):
             chunk = list(islice(records, n))  # may be short when a shard was skipped
             if b >= skip_batches:  # batches below were delivered before a restart
-                yield self._assemble(chunk, n, seed, epoch)
+                yield self._assemble(chunk, n, task.seed, task.epoch)
 
     def _records(self, segments: Iterable[Segment]) -> Iterator[RawSample]:
         for seg in segments:
@@ -207,8 +212,9 @@ class ShardReader:
         out = self.item_tfm(image, self._item_rng(seed, epoch, sample.key))
         if out.shape != (self.size, self.size, 3) or out.dtype != np.uint8:
             raise ValueError(
-                f"item transforms gave {out.dtype} {out.shape} for {where}, the stream needs "
-                f"uint8 ({self.size}, {self.size}, 3): end item_tfms with a crop to size")
+                f"item transforms gave {out.dtype} {out.shape} for {where}, but the chain "
+                f"declares uint8 ({self.size}, {self.size}, 3): a transform after its last "
+                "crop changed the shape")
         return out
 
     def _refill(self, images: np.ndarray, labels: np.ndarray, keys: list,

@@ -49,12 +49,24 @@ class Segment:
 
 @dataclass(frozen=True)
 class ActorTask:
-    """What one actor streams in one epoch: its segments, cut into `batch_sizes`."""
+    """What one actor streams in one epoch: its segments, cut into `batch_sizes`.
+
+    It carries the run's `seed` and the `epoch` too, the one road by which they reach the
+    actor: its shuffle buffer and every item's random transform are seeded from them.
+    """
 
     actor: int
     segments: tuple[Segment, ...]
     batch_sizes: tuple[int, ...]  # all `batch_size` but possibly the last
-    shuffle_seed: tuple[int, ...] | None  # entropy for the actor's shuffle buffer; None: in order
+    seed: int
+    epoch: int
+    rank: int = 0
+    shuffle: bool = False
+
+    @property
+    def shuffle_seed(self) -> tuple[int, ...] | None:
+        """Entropy for the actor's shuffle buffer; None: in order."""
+        return (self.seed, self.epoch, 1, self.rank, self.actor) if self.shuffle else None
 
     @property
     def num_samples(self) -> int:
@@ -174,6 +186,6 @@ def plan_epoch(shards: Sequence[ShardEntry], *, batch_size: int, num_actors: int
         b0, b1 = a * nb // num_actors, (a + 1) * nb // num_actors
         lo, hi = b0 * batch_size, min(b1 * batch_size, used)
         sizes = tuple(min(batch_size, hi - s) for s in range(lo, hi, batch_size))
-        seed_entropy = (seed, epoch, 1, rank, a) if shuffle else None
-        tasks.append(ActorTask(a, tuple(slice_segments(mine, lo, hi)), sizes, seed_entropy))
+        tasks.append(ActorTask(a, tuple(slice_segments(mine, lo, hi)), sizes, seed, epoch,
+                               rank, shuffle))
     return EpochPlan(tuple(tasks), nb, used)

@@ -33,7 +33,7 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline.actors import ON_ERROR, BatchData, ShardReader, Skip, StaleRequest
+from pipeline.actors import BatchData, ShardReader, Skip, StaleRequest
 from pipeline.batch import Batch
 from pipeline.plan import (
     ActorTask,
@@ -43,8 +43,9 @@ from pipeline.plan import (
     samples_per_rank,
     shard_entries,
 )
+from pipeline.settings import StreamSettings
 from pipeline.source import ShardReadError, ShardSource
-from pipeline.transforms import compose, train_tfms, valid_tfms
+from pipeline.transforms import item_chain
 from shards.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,9 @@ RESTART_WAIT_S = 60.0  # how long to wait for Ray to bring a crashed actor back
 # of imports on a small machine), and a stream's actors start on those warm processes.
 # Measured here: first batch 0.5 s after Ray is up instead of 2.9 s.
 PRELOAD_MODULES = ("pipeline.actors",)
-PLACEMENTS = ("local", "spread")
-# Ray's cost per returned object (the raylet's plasma work, the driver's `ray.get`) is what
-# limits a stream of small batches, so by default an actor returns as many batches per call
-# as make an object of about this size (measured on 2 cores, 64 x 128 px batches: 3,100
-# images/s at one 3 MB batch per object, 3,380 at 6 MB, 3,450 at 12 MB).
-CALL_BYTES = 12 << 20
-MAX_BATCHES_PER_CALL = 8
 
 
-def ensure_ray(address: str | None = None, object_store_memory: int | None = None) -> bool:
+def ensure_ray(address: str | None = None) -> bool:
     """Start Ray in this process, or join the cluster at `address`; True if we started it.
 
     An already running Ray (a test fixture, Ray Train, the user) is used as it is. A Ray
@@ -77,7 +71,7 @@ def ensure_ray(address: str | None = None, object_store_memory: int | None = Non
         # address="local": a new Ray here, even when a `ray start` cluster runs on this
         # machine (address=None would join that one and then refuse num_cpus).
         ray.init(address="local", num_cpus=cpus or os.cpu_count(), include_dashboard=False,
-                 object_store_memory=object_store_memory, configure_logging=False,
+                 configure_logging=False,
                  _system_config={"preload_python_modules": list(PRELOAD_MODULES)})
     else:  # "auto", "ray://host:10001" or a GCS "host:6379": join, do not reconfigure
         ray.init(address=address, configure_logging=False)
@@ -99,15 +93,16 @@ def to_batch(data: BatchData) -> Batch:
 class _ActorFeed:
     """The driver's side of one actor for one epoch: requests in flight, replay after a crash."""
 
-    def __init__(self, actor, task: ActorTask, seed: int, epoch: int, prefetch: int,
+    def __init__(self, actor, task: ActorTask, item_tfm: Callable, prefetch: int,
                  per_call: int, max_restarts: int):
-        self.actor, self.task, self.seed, self.epoch = actor, task, seed, epoch
+        self.actor, self.task, self.item_tfm = actor, task, item_tfm
         self.prefetch, self.per_call, self.restarts_left = prefetch, per_call, max_restarts
         self.start(0)
 
     def start(self, first_batch: int) -> None:
         self.token = uuid.uuid4().hex
-        self.started = self.actor.start.remote(self.task, self.seed, self.epoch, self.token,
+        # the chain travels once per task (epoch or replay), not with every request
+        self.started = self.actor.start.remote(self.task, self.item_tfm, self.token,
                                                first_batch)
         self.refs: deque = deque()  # requests in flight, in task order
         self.ready: deque[BatchData] = deque()  # received, not yet handed out
@@ -163,6 +158,10 @@ class _ActorFeed:
 class ShardStream:
     """Iterate a split of a shards folder/URL as `Batch`es: one full epoch per iteration.
 
+    `ShardStream(source, split, settings, **changes)`: `settings` (a `StreamSettings`,
+    default its defaults) with any of its fields changed by keyword, e.g.
+    `ShardStream("shards", "train", batch_size=64, size=128, seed=0)`.
+
     `len(stream)` is the exact number of batches per epoch (the same on every rank). Each
     iteration plays epoch `stream.epoch` and then advances it; `set_epoch(e)` picks one.
     The order depends on `(seed, epoch, num_actors, world_size, rank)` only, and an item's
@@ -172,67 +171,56 @@ class ShardStream:
       `storage_options` go to fsspec, e.g. an S3-compatible store:
       `{"endpoint_url": "http://127.0.0.1:9000", "key": ..., "secret": ...}` (without
       them s3fs reads the usual AWS environment variables and config files).
-    - `item_tfms`: `None` for `train_tfms(size)` / `valid_tfms(size)` by split, a list of
-      item transforms, or one composed callable; each must end at `size` x `size`.
-    - `shuffle`: default True for "train" (shard order + a `shuffle_buffer` of encoded
-      records per actor), False otherwise (the written order, the same every run).
-    - `num_actors`: default the cluster's CPUs // `world_size`. `actor_cpus=None` reserves
-      no CPU while they run (Ray's actor default), so a train and a valid stream coexist.
+    - `item_tfms`: a list of item transforms or one composed chain; the chain says its
+      output `size` and decode size (`pipeline.transforms.Compose`). None: `train_tfms(size)`
+      / `valid_tfms(size)` by split. `size` only picks the default chain's size (or, with
+      `item_tfms`, must agree with it). `set_item_tfms`/`set_size` change it for the next
+      epoch, on the same actors.
     - `address`: None starts Ray here if it is not running; "auto" or "ray://..." joins.
-    - `placement`: "local" (default) puts the actors on this process's node when it has
-      room, so batches never cross the network; "spread" deals them round-robin over the
-      cluster's nodes with CPUs (this one first), for a reader whose own node has too few
-      CPUs to decode.
-    - `on_error`: "fail" raises `ShardReadError` naming the shard; "skip" leaves out what
-      cannot be read, logs a warning, counts it in `skipped`/`skips`, and refills those
-      batch slots with repeats (`padded`) so the batch count stays equal on every rank.
-    - `batches_per_call`: batches an actor returns per request (one Ray object); default
-      as many as make ~12 MB (at most 8), since Ray's cost is per object, not per byte.
     - memory: at most `num_actors * (prefetch + 1) * batches_per_call` batches wait in
-      Ray's object store (capped by `object_store_memory` when this stream starts Ray),
-      plus `shuffle_buffer` encoded records per actor; nothing grows with the data set.
+      Ray's object store, plus `shuffle_buffer` encoded records per actor; nothing grows
+      with the data set.
     """
 
     def __init__(
         self,
         source: str | Path | ShardSource,
         split: str = "train",
-        batch_size: int = 64,
-        size: int = 128,
+        settings: StreamSettings | None = None,
+        *,
         item_tfms: Callable | Sequence[Callable] | None = None,
-        shuffle: bool | None = None,
-        seed: int = 0,
-        num_actors: int | None = None,
-        drop_last: bool = False,
+        size: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         address: str | None = None,
-        on_error: str = "fail",
-        *,
         storage_options: dict | None = None,
         vocab: Vocab | None = None,
-        prefetch: int = 2,
-        shuffle_buffer: int = 1000,
-        max_restarts: int = 3,
-        actor_cpus: float | None = None,
-        object_store_memory: int | None = None,
-        placement: str = "local",
-        batches_per_call: int | None = None,
+        **changes,
     ):
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        for name, value in (("batch_size", batch_size), ("size", size), ("prefetch", prefetch),
-                            ("world_size", world_size), ("batches_per_call", batches_per_call)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        if batches_per_call is None:
-            batch_bytes = batch_size * size * size * 3
-            batches_per_call = max(1, min(MAX_BATCHES_PER_CALL, round(CALL_BYTES / batch_bytes)))
-        if not 0 <= rank < world_size:
+        if settings is not None and not isinstance(settings, StreamSettings):
+            raise TypeError(f"settings must be a StreamSettings, got {settings!r}; give "
+                            "batch_size and the other settings by keyword")
+        self.settings = (settings or StreamSettings()).replace(**changes)
+        if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        self.split, self.rank, self.world_size = split, rank, world_size
+        self.set_item_tfms(item_tfms, size)
         self.source = ShardSource.of(source, storage_options)
+        self._read_meta(vocab)
+        self.epoch = 0
+        self._plays = 0  # iterations started; only the latest may run (actors are shared)
+        self.skips: list[Skip] = []  # what the last epoch skipped (on_error="skip")
+        self.padded = 0  # slots the last epoch refilled with repeats after skips
+        self._check_not_empty()
+        self.started_ray = ensure_ray(address)
+        wanted = self.settings.num_actors
+        if wanted is None:
+            wanted = max(1, int(ray.cluster_resources().get("CPU", 1)) // world_size)
+        self.num_actors = max(1, min(wanted, len(self)))
+        self._actors = self._make_actors()
+
+    def _read_meta(self, vocab: Vocab | None) -> None:
+        """The vocab, stats and this split's shards from `meta.json`, checked."""
         meta = self.source.read_meta()
         where = self.source.url_of("meta.json")
         self.vocab = Vocab.from_json(meta)  # refuses a fingerprint that disagrees
@@ -240,37 +228,66 @@ class ShardStream:
             vocab.check_fingerprint(meta["vocab_fingerprint"], f"the shards at {self.source.url}")
             self.vocab = vocab
         self.stats = meta["stats"]
-        if split not in meta["splits"]:
-            raise ValueError(f"{where}: no split {split!r}; it has {sorted(meta['splits'])}")
-        self.split, self.shards = split, shard_entries(meta["splits"][split])
+        splits = meta["splits"]
+        if self.split not in splits:
+            raise ValueError(f"{where}: no split {self.split!r}; it has {sorted(splits)}")
+        self.shards = shard_entries(splits[self.split])
         self.num_samples = sum(e.count for e in self.shards)
-        if self.num_samples != meta["splits"][split]["count"] or self.num_samples == 0:
-            raise ValueError(f"{where}: split {split!r} lists {meta['splits'][split]['count']} "
-                             f"samples but its shards hold {self.num_samples}")
-        self.batch_size, self.size, self.seed, self.drop_last = batch_size, size, seed, drop_last
-        self.rank, self.world_size, self.on_error = rank, world_size, on_error
-        self.shuffle = split == "train" if shuffle is None else bool(shuffle)
-        self.item_tfm = _resolve_tfms(item_tfms, split, size)
-        self.prefetch, self.max_restarts = prefetch, max_restarts
-        self.batches_per_call = batches_per_call
-        self.epoch = 0
-        self._plays = 0  # iterations started; only the latest may run (actors are shared)
-        self.skips: list[Skip] = []  # what the last epoch skipped (on_error="skip")
-        self.padded = 0  # slots the last epoch refilled with repeats after skips
+        if self.num_samples != splits[self.split]["count"] or self.num_samples == 0:
+            raise ValueError(f"{where}: split {self.split!r} lists "
+                             f"{splits[self.split]['count']} samples but its shards hold "
+                             f"{self.num_samples}")
+
+    def _check_not_empty(self) -> None:
         if len(self) == 0:
-            raise ValueError(f"{where}: split {split!r} has {self.num_samples} samples, fewer "
-                             f"than one batch of {batch_size} per rank with drop_last=True")
-        self.started_ray = ensure_ray(address, object_store_memory)
-        if num_actors is None:
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            num_actors = max(1, cpus // world_size)
-        self.num_actors = max(1, min(num_actors, len(self)))
-        self._actors = self._make_actors(shuffle_buffer, actor_cpus, placement)
+            raise ValueError(f"{self.source.url_of('meta.json')}: split {self.split!r} has "
+                             f"{self.num_samples} samples, fewer than one batch of "
+                             f"{self.batch_size} per rank with drop_last=True")
 
     # ------------------------------------------------------------------ public API
     def __len__(self) -> int:
         per_rank = samples_per_rank(self.num_samples, self.world_size, self.drop_last)
         return num_batches(per_rank, self.batch_size, self.drop_last)
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    @property
+    def drop_last(self) -> bool:
+        return self.settings.drop_last
+
+    @drop_last.setter
+    def drop_last(self, value: bool) -> None:
+        """The trainer drops a lone last sample (it would break BatchNorm) once it knows N."""
+        self.settings = self.settings.replace(drop_last=value)
+        self._check_not_empty()
+
+    @property
+    def size(self) -> int:
+        """The side of the images in the next epoch's batches (the chain's output size)."""
+        return self.item_tfm.size
+
+    @property
+    def batches_per_call(self) -> int:
+        return self.settings.batches_per_call_at(self.size)
+
+    def set_item_tfms(self, item_tfms: Callable | Sequence[Callable] | None = None,
+                      size: int | None = None) -> None:
+        """Use this chain from the next iteration on (see the class doc for the arguments).
+
+        The actors receive the chain with each epoch's task, so a new size (progressive
+        resizing) needs no new actors.
+        """
+        self.item_tfm = item_chain(item_tfms, self.split, size)
+        self._custom_tfms = item_tfms is not None
+
+    def set_size(self, size: int) -> None:
+        """The split's default chain at `size` x `size` from the next iteration on."""
+        if self._custom_tfms:
+            raise ValueError("this ShardStream has its own item_tfms; to change their size "
+                             "give new ones to set_item_tfms")
+        self.set_item_tfms(None, size)
 
     @property
     def skipped(self) -> int:
@@ -282,8 +299,9 @@ class ShardStream:
         self.epoch = int(epoch)
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
+        """This rank's plan for `epoch` (default: the next one)."""
         return plan_epoch(self.shards, batch_size=self.batch_size, num_actors=self.num_actors,
-                          shuffle=self.shuffle, seed=self.seed,
+                          shuffle=self.settings.shuffles(self.split), seed=self.settings.seed,
                           epoch=self.epoch if epoch is None else epoch, rank=self.rank,
                           world_size=self.world_size, drop_last=self.drop_last)
 
@@ -292,7 +310,8 @@ class ShardStream:
             raise RuntimeError("this ShardStream is closed")
         epoch, self.epoch = self.epoch, self.epoch + 1
         self._plays += 1
-        return self._play(epoch, self._plays)
+        # the chain and call size are fixed now, not when the first batch is asked for
+        return self._play(epoch, self._plays, self.item_tfm, self.batches_per_call)
 
     def close(self) -> None:
         """Stop this stream's actors. Ray itself stays up: other streams may share it."""
@@ -327,29 +346,27 @@ class ShardStream:
                 f"{self.num_actors} actors, rank {self.rank}/{self.world_size})")
 
     # ------------------------------------------------------------------ internals
-    def _make_actors(self, shuffle_buffer: int, actor_cpus: float | None,
-                     placement: str) -> list:
-        # Ray's actor default (actor_cpus=None): one CPU to place it, none held while it
-        # runs, so a train and a valid stream and Ray Train workers all fit at once.
+    def _make_actors(self) -> list:
+        # Ray's actor default: one CPU to place it, none held while it runs, so a train and
+        # a valid stream and Ray Train workers all fit at once.
         here = ray.get_runtime_context().get_node_id()
-        nodes = _nodes_with_cpus(first=here) if placement == "spread" else [here]
-        options = {"max_restarts": self.max_restarts, "max_task_retries": 0}
-        if actor_cpus is not None:
-            options["num_cpus"] = actor_cpus
+        nodes = _nodes_with_cpus(first=here) if self.settings.placement == "spread" else [here]
         remote = ray.remote(ShardReader)
         # soft affinity: a node that is full or gone is passed over (and a crashed actor
         # may come back elsewhere)
-        return [remote.options(**options, scheduling_strategy=NodeAffinitySchedulingStrategy(
-                    nodes[i % len(nodes)], soft=True)).remote(
-                    self.source, self.item_tfm, self.size, self.on_error, shuffle_buffer)
+        return [remote.options(max_restarts=self.settings.max_restarts, max_task_retries=0,
+                               scheduling_strategy=NodeAffinitySchedulingStrategy(
+                                   nodes[i % len(nodes)], soft=True)).remote(
+                    self.source, self.settings.on_error, self.settings.shuffle_buffer)
                 for i in range(self.num_actors)]
 
-    def _play(self, epoch: int, play: int) -> Iterator[Batch]:
+    def _play(self, epoch: int, play: int, item_tfm: Callable, per_call: int
+              ) -> Iterator[Batch]:
         plan = self.plan(epoch)
         self.skips, self.padded = [], 0
         seen: set = set()
-        feeds = {t.actor: _ActorFeed(self._actors[t.actor], t, self.seed, epoch, self.prefetch,
-                                     self.batches_per_call, self.max_restarts)
+        feeds = {t.actor: _ActorFeed(self._actors[t.actor], t, item_tfm, self.settings.prefetch,
+                                     per_call, self.settings.max_restarts)
                  for t in plan.tasks if t.num_batches}
         for actor, index in plan.delivery_order():
             if play != self._plays:
@@ -381,12 +398,3 @@ def _nodes_with_cpus(first: str) -> list[str]:
     others = sorted(n["NodeID"] for n in ray.nodes()
                     if n["Alive"] and n["Resources"].get("CPU", 0) > 0 and n["NodeID"] != first)
     return [first, *others]
-
-
-def _resolve_tfms(item_tfms, split: str, size: int) -> Callable:
-    if item_tfms is None:
-        return train_tfms(size) if split == "train" else valid_tfms(size)
-    if callable(item_tfms) and not hasattr(item_tfms, "order"):
-        return item_tfms  # an already composed pipeline
-    return compose(list(item_tfms) if isinstance(item_tfms, Sequence) else [item_tfms])
-

@@ -15,7 +15,7 @@ randomness, the checks and the `order`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -33,11 +33,17 @@ from pipeline.kernels import (
     warp_perspective,
 )
 
+DEFAULT_SIZE = 128  # the default chains' side when a stream is given neither size nor tfms
 VALID_ZOOM = 1.14  # valid images: shorter side resized to size*1.14, then centre-cropped to size
 
 
 class ItemTransform(Protocol):
-    """What `compose` expects: an `order` and a pure call on (image, rng)."""
+    """What `compose` expects: an `order` and a pure call on (image, rng).
+
+    A transform that sets the image's shape says so with an `output_size` attribute: an int
+    for a size x size square (the crops), None for a shape that depends on the input
+    (`ResizeShorter`). One without the attribute keeps the shape it is given.
+    """
 
     order: int
 
@@ -61,6 +67,7 @@ class ResizeShorter:
     """Resize so the shorter side is `size`, keeping the aspect ratio (up or down)."""
 
     order = 10
+    output_size = None  # the longer side follows the input's aspect ratio
 
     def __init__(self, size: int):
         self.size = _check_size(size, "ResizeShorter")
@@ -82,7 +89,7 @@ class CenterCrop:
     order = 20
 
     def __init__(self, size: int):
-        self.size = _check_size(size, "CenterCrop")
+        self.size = self.output_size = _check_size(size, "CenterCrop")
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         check_image(image)
@@ -109,7 +116,7 @@ class RandomResizedCrop:
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
     ):
-        self.size = _check_size(size, "RandomResizedCrop")
+        self.size = self.output_size = _check_size(size, "RandomResizedCrop")
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"RandomResizedCrop: need 0 < scale[0] <= scale[1] <= 1, got {scale}")
         if not 0 < ratio[0] <= ratio[1]:
@@ -202,11 +209,15 @@ class RandomDihedral:
 class Compose:
     """Apply transforms in `order` (stable for ties), checking each returns a uint8 image.
 
-    `decode_size`, when set, is the shorter side the decoder must at least deliver for this
-    pipeline; the stream passes it to `decode_image` so big JPEGs can be draft-decoded.
+    The chain says what it makes, so a stream takes both from it and from nowhere else:
+    - `size`: its output is `size` x `size` x 3; by default the `output_size` of the last
+      transform that declares one (a crop), None when the output shape is not fixed.
+    - `decode_size`, when set, is the shorter side the decoder must at least deliver for
+      this chain; the stream passes it to `decode_image` so big JPEGs can be draft-decoded.
     """
 
-    def __init__(self, tfms: Sequence[ItemTransform], decode_size: int | None = None):
+    def __init__(self, tfms: Sequence[ItemTransform], decode_size: int | None = None,
+                 size: int | None = None):
         for tfm in tfms:
             if not callable(tfm) or not isinstance(getattr(tfm, "order", None), int):
                 raise TypeError(
@@ -214,7 +225,8 @@ class Compose:
                     "attribute (e.g. a class with `order = 50` and `__call__(image, rng)`)"
                 )
         self.tfms = sorted(tfms, key=lambda tfm: tfm.order)
-        self.decode_size = decode_size
+        self.decode_size = None if decode_size is None else _check_size(decode_size, "Compose")
+        self.size = output_size(self.tfms) if size is None else _check_size(size, "Compose")
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         for tfm in self.tfms:
@@ -228,12 +240,22 @@ class Compose:
         return np.ascontiguousarray(image)
 
     def __repr__(self) -> str:
-        return f"Compose({self.tfms!r}, decode_size={self.decode_size})"
+        return f"Compose({self.tfms!r}, decode_size={self.decode_size}, size={self.size})"
 
 
-def compose(tfms: Sequence[ItemTransform], decode_size: int | None = None) -> Compose:
+def output_size(tfms: Sequence[ItemTransform]) -> int | None:
+    """The side of the square `tfms` (in order) end at, from their `output_size`; None if
+    the last one that sets the shape leaves it to the input, or none sets it."""
+    size = None
+    for tfm in tfms:
+        size = getattr(tfm, "output_size", size)
+    return size
+
+
+def compose(tfms: Sequence[ItemTransform], decode_size: int | None = None,
+            size: int | None = None) -> Compose:
     """Sort `tfms` by `order` and chain them into one `(image, rng) -> image` callable."""
-    return Compose(tfms, decode_size=decode_size)
+    return Compose(tfms, decode_size=decode_size, size=size)
 
 
 def train_tfms(size: int, scale: tuple[float, float] = (0.35, 1.0)) -> Compose:
@@ -252,6 +274,35 @@ def valid_tfms(size: int) -> Compose:
     """
     resized = round(size * VALID_ZOOM)
     return Compose([ToRGB(), ResizeShorter(resized), CenterCrop(size)], decode_size=resized)
+
+
+def default_tfms(split: str, size: int) -> Compose:
+    """`train_tfms(size)` for the "train" split, `valid_tfms(size)` for any other."""
+    return train_tfms(size) if split == "train" else valid_tfms(size)
+
+
+def item_chain(item_tfms: Callable | Sequence[Callable] | None, split: str,
+               size: int | None = None) -> Callable:
+    """The chain a stream applies: the split's default at `size`, or `item_tfms` composed.
+
+    The chain owns the output size; a `size` given beside `item_tfms` must agree with it.
+    """
+    if item_tfms is None:
+        return default_tfms(split, DEFAULT_SIZE if size is None else size)
+    if callable(item_tfms) and not hasattr(item_tfms, "order"):
+        chain = item_tfms  # an already composed chain
+    else:
+        chain = compose(list(item_tfms) if isinstance(item_tfms, Sequence) else [item_tfms])
+    declared = getattr(chain, "size", None)
+    if declared is None:
+        raise ValueError(f"item_tfms {chain!r} do not say what size they end at: end them "
+                         "with a crop (CenterCrop, RandomResizedCrop), or compose them with "
+                         "compose(tfms, size=N) when a transform of your own sets the size")
+    declared = _check_size(declared, "item_tfms")
+    if size is not None and size != declared:
+        raise ValueError(f"size={size} disagrees with item_tfms, which end at {declared} x "
+                         f"{declared}; leave out size (the transforms set it)")
+    return chain
 
 
 # ----------------------------------------------------------------------------- helpers

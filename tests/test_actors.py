@@ -17,7 +17,7 @@ from pipeline.actors import (
 )
 from pipeline.plan import ActorTask, Segment, ShardEntry, plan_epoch
 from pipeline.source import ShardReadError, ShardSource
-from pipeline.transforms import train_tfms, valid_tfms
+from pipeline.transforms import compose, train_tfms, valid_tfms
 from shards.format import encode_info
 from shards.writer import ShardWriter
 from tests.shard_fixtures import encode, make_image, make_shards, truncate_shard
@@ -46,11 +46,11 @@ def write_shard(folder, count: int, bad: tuple[int, ...] = ()) -> tuple[str, lis
 def in_order(name: str, count: int, batch: int) -> ActorTask:
     """The whole shard, unshuffled, in batches of `batch`."""
     sizes = (batch,) * (count // batch) + ((count % batch,) if count % batch else ())
-    return ActorTask(0, (Segment(name, 0, count),), sizes, None)
+    return ActorTask(0, (Segment(name, 0, count),), sizes, seed=0, epoch=0)
 
 
-def run(reader: ShardReader, task: ActorTask, token: str = "t") -> list:
-    reader.start(task, 0, 0, token)
+def run(reader: ShardReader, task: ActorTask, token: str = "t", tfm=None) -> list:
+    reader.start(task, tfm or valid_tfms(SIZE), token)
     return reader.next_batches(token, task.num_batches + 1)
 
 
@@ -93,7 +93,7 @@ def test_ray_thread_count_is_given_to_torch_only_when_ray_set_it(monkeypatch):
 # --------------------------------------------------------------------------- ShardReader
 def test_batches_are_uint8_squares_labelled_from_the_shard_in_order(tmp_path):
     name, keys = write_shard(tmp_path, 10)
-    reader = ShardReader(ShardSource.of(tmp_path), valid_tfms(SIZE), SIZE)
+    reader = ShardReader(ShardSource.of(tmp_path))
     batches = run(reader, in_order(name, 10, 4))
     assert [len(b.keys) for b in batches] == [4, 4, 2]
     assert [k for b in batches for k in b.keys] == keys  # no shuffle seed: shard order
@@ -110,12 +110,11 @@ def test_reader_replays_a_task_from_any_batch(shard_set):
                      for s in shard_set.meta["splits"]["train"]["shards"]]
     task = plan_epoch(stream_shards, batch_size=8, num_actors=1, shuffle=True, seed=3,
                       epoch=1).tasks[0]
-    reader = ShardReader(ShardSource.of(shard_set.folder), train_tfms(SIZE), SIZE,
-                         shuffle_buffer=16)
-    reader.start(task, 3, 1, "first")
+    reader = ShardReader(ShardSource.of(shard_set.folder), shuffle_buffer=16)
+    reader.start(task, train_tfms(SIZE), "first")
     full = reader.next_batches("first", 3) + reader.next_batches("first", task.num_batches)
     assert len(full) == task.num_batches  # the last call returns what is left
-    reader.start(task, 3, 1, "again", skip_batches=4)
+    reader.start(task, train_tfms(SIZE), "again", skip_batches=4)
     tail = reader.next_batches("again", task.num_batches)
     assert [b.keys for b in tail] == [b.keys for b in full[4:]]
     assert all(np.array_equal(a.images, b.images) for a, b in zip(tail, full[4:], strict=True))
@@ -125,8 +124,8 @@ def test_reader_replays_a_task_from_any_batch(shard_set):
 
 def test_an_undecodable_image_fails_naming_shard_and_sample(tmp_path):
     name, keys = write_shard(tmp_path, 6, bad=(4,))
-    reader = ShardReader(ShardSource.of(tmp_path), valid_tfms(SIZE), SIZE)
-    reader.start(in_order(name, 6, 3), 0, 0, "t")
+    reader = ShardReader(ShardSource.of(tmp_path))
+    reader.start(in_order(name, 6, 3), valid_tfms(SIZE), "t")
     assert reader.next_batches("t")[0].keys == keys[:3]
     with pytest.raises(ShardReadError, match=f"shard {name}: sample {keys[4]}.jpg") as err:
         reader.next_batches("t")
@@ -135,7 +134,7 @@ def test_an_undecodable_image_fails_naming_shard_and_sample(tmp_path):
 
 def test_skip_mode_counts_the_bad_image_and_refills_the_batch(tmp_path):
     name, keys = write_shard(tmp_path, 6, bad=(1,))
-    reader = ShardReader(ShardSource.of(tmp_path), valid_tfms(SIZE), SIZE, on_error="skip")
+    reader = ShardReader(ShardSource.of(tmp_path), on_error="skip")
     first, second = run(reader, in_order(name, 6, 3))
     assert first.padded == 1 and len(first.skips) == 1 and second.skips == []
     skip = first.skips[0]
@@ -150,7 +149,7 @@ def test_skip_mode_counts_the_bad_image_and_refills_the_batch(tmp_path):
 def test_skip_mode_refills_a_batch_cut_short_by_a_truncated_shard(tmp_path):
     name, keys = write_shard(tmp_path, 8)
     truncate_shard(tmp_path, name, at_sample=5)
-    reader = ShardReader(ShardSource.of(tmp_path), valid_tfms(SIZE), SIZE, on_error="skip")
+    reader = ShardReader(ShardSource.of(tmp_path), on_error="skip")
     batches = run(reader, in_order(name, 8, 4))
     assert [b.keys[:1] for b in batches] == [[keys[0]], [keys[4]]]
     assert batches[1].padded == 3 and batches[1].keys == [keys[4]] * 4
@@ -161,18 +160,28 @@ def test_skip_mode_refills_a_batch_cut_short_by_a_truncated_shard(tmp_path):
 
 def test_skip_mode_with_nothing_readable_yet_names_the_shard(tmp_path):
     name, _ = write_shard(tmp_path, 3, bad=(0, 1, 2))
-    reader = ShardReader(ShardSource.of(tmp_path), valid_tfms(SIZE), SIZE, on_error="skip")
+    reader = ShardReader(ShardSource.of(tmp_path), on_error="skip")
     with pytest.raises(ShardReadError, match=f"{name}: nothing readable to fill a batch"):
         run(reader, in_order(name, 3, 3))
 
 
-def test_transforms_that_do_not_end_at_size_are_refused_with_the_fix(tmp_path):
+class Pad:
+    """A (bad) transform after the crop: one row more than the chain declares."""
+
+    order = 99
+
+    def __call__(self, image, rng):
+        return np.concatenate([image, image[:1]])
+
+
+def test_a_chain_whose_output_disagrees_with_its_declared_size_is_refused(tmp_path):
     name, keys = write_shard(tmp_path, 2)
-    reader = ShardReader(ShardSource.of(tmp_path), valid_tfms(SIZE + 2), SIZE)
-    with pytest.raises(ValueError, match=rf"{name}:{keys[0]}\.jpg.*end item_tfms with a crop"):
-        run(reader, in_order(name, 2, 2))
+    reader = ShardReader(ShardSource.of(tmp_path))
+    chain = compose([*valid_tfms(SIZE).tfms, Pad()], size=SIZE)  # Pad changes the shape after
+    with pytest.raises(ValueError, match=rf"{name}:{keys[0]}\.jpg.*after its last crop"):
+        run(reader, in_order(name, 2, 2), tfm=chain)
 
 
 def test_on_error_must_be_fail_or_skip():
     with pytest.raises(ValueError, match="on_error must be one of"):
-        ShardReader(ShardSource.of("/nowhere"), valid_tfms(SIZE), SIZE, on_error="ignore")
+        ShardReader(ShardSource.of("/nowhere"), on_error="ignore")

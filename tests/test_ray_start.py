@@ -21,9 +21,8 @@ def modules():
     return sorted(m for m in ("torch", "torchvision", "pipeline.actors") if m in sys.modules)
 
 from pipeline.actors import ShardReader
-from pipeline.transforms import valid_tfms
 
-reader = ray.remote(ShardReader).remote(None, valid_tfms(8), 8)
+reader = ray.remote(ShardReader).remote(None)
 print("RESULT " + json.dumps({"started": started, "cpus": ray.cluster_resources()["CPU"],
                               "modules": ray.get(modules.remote()),
                               "actor_threads": ray.get(reader.torch_threads.remote())}))

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pipeline.batch import Batch
+from pipeline.settings import StreamSettings
 from pipeline.source import ShardReadError
 from pipeline.stream import ShardStream
 from shards.vocab import Vocab
@@ -63,6 +64,10 @@ def play(stream, epoch=None) -> list[Batch]:
 
 def keys_of(batches) -> list[str]:
     return [k for b in batches for k in b.keys]
+
+
+def images_by_key(batches) -> dict:
+    return {k: b.images[i] for b in batches for i, k in enumerate(b.keys)}
 
 
 def check_batches(batches, stream, labels: dict) -> None:
@@ -128,6 +133,41 @@ def test_batches_per_call_changes_the_transfer_not_the_stream(shard_set, train2)
         assert keys_of(batches) == keys_of(reference)
         assert all(torch.equal(x.images, y.images) for x, y in zip(batches, reference,
                                                                     strict=True))
+
+
+def test_a_new_size_next_epoch_on_the_same_actors(ray_local, shard_set, train2):
+    """Progressive resizing: 48 px, then 64 px, from the same actors; the order is the
+    stream's as always, and each item's pixels are what a stream built at 64 px makes."""
+    settings = StreamSettings(batch_size=4, num_actors=2, seed=5, shuffle_buffer=16)
+    with ShardStream(shard_set.folder, "train", settings, size=48) as stream:
+        pids = stream.actor_pids()
+        small = play(stream, 0)
+        stream.set_size(64)
+        assert stream.size == 64 and stream.batches_per_call == 8
+        large = play(stream, 1)
+        assert stream.actor_pids() == pids
+    assert {tuple(b.images.shape[1:]) for b in small} == {(3, 48, 48)}
+    assert {tuple(b.images.shape[1:]) for b in large} == {(3, 64, 64)}
+    assert keys_of(large) == keys_of(play(train2, 1))  # the size does not touch the order
+    with ShardStream(shard_set.folder, "train", settings.replace(num_actors=1),
+                     size=64) as fresh:
+        expected = images_by_key(play(fresh, 1))
+    got = images_by_key(large)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(image, expected[k]) for k, image in got.items())
+
+
+def test_own_transforms_set_the_size(ray_local, shard_set):
+    from pipeline.transforms import CenterCrop, ResizeShorter, ToRGB
+
+    with ShardStream(shard_set.folder, "valid", batch_size=4, num_actors=1,
+                     item_tfms=[ToRGB(), ResizeShorter(30), CenterCrop(24)]) as stream:
+        assert stream.size == 24
+        assert {tuple(b.images.shape[1:]) for b in play(stream)} == {(3, 24, 24)}
+        with pytest.raises(ValueError, match="own item_tfms"):
+            stream.set_size(32)
+        stream.set_item_tfms([ToRGB(), CenterCrop(16)])
+        assert {tuple(b.images.shape[1:]) for b in play(stream)} == {(3, 16, 16)}
 
 
 def test_stopping_early_then_a_full_epoch(shard_set, train2):
@@ -285,6 +325,8 @@ def test_vocab_mismatch_is_refused(tmp_path):
 
 
 def test_bad_arguments_fail_before_ray(tmp_path):
+    from pipeline.transforms import CenterCrop
+
     make_shards(tmp_path, {"train": 5})
     with pytest.raises(ValueError, match="no split 'test'"):
         ShardStream(tmp_path, "test")
@@ -300,3 +342,10 @@ def test_bad_arguments_fail_before_ray(tmp_path):
         ShardStream(tmp_path, batches_per_call=0)
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         ShardStream(tmp_path, batch_size=0)  # before the default batches_per_call divides by it
+    with pytest.raises(TypeError, match="settings must be a StreamSettings"):
+        ShardStream(tmp_path, "train", 64)  # batch_size was the third argument once
+    with pytest.raises(TypeError, match="unknown stream setting.*actor_cpus"):
+        ShardStream(tmp_path, actor_cpus=1)
+    with pytest.raises(ValueError, match="size=32 disagrees"):
+        ShardStream(tmp_path, size=32, item_tfms=[CenterCrop(16)])
+

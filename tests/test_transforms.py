@@ -24,6 +24,8 @@ from pipeline.transforms import (
     ResizeShorter,
     ToRGB,
     compose,
+    default_tfms,
+    item_chain,
     train_tfms,
     valid_tfms,
 )
@@ -256,6 +258,63 @@ def test_default_pipelines_on_any_input_give_size_square_rgb():
 def test_default_pipelines_say_what_the_decoder_must_deliver():
     assert train_tfms(128).decode_size == 128
     assert valid_tfms(128).decode_size == round(128 * VALID_ZOOM) == 146
+
+
+# ----------------------------------------------------------------------------- chain size
+CHAINS = {
+    "train": lambda: train_tfms(24),
+    "valid": lambda: valid_tfms(24),
+    "crop then flips and warp": lambda: compose(
+        [RandomDihedral(p=1), PerspectiveWarp(0.2, p=1), HorizontalFlip(p=1),
+         CenterCrop(24), ToRGB()]),
+    "resize, crop, resize": lambda: compose([ResizeShorter(40), CenterCrop(30),
+                                             RandomResizedCrop(24), ToRGB()]),
+}
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_a_chain_makes_the_size_it_declares(name):
+    """The stream trusts `chain.size` to allocate its batches: it must be what comes out."""
+    chain = CHAINS[name]()
+    assert chain.size == 24
+    for height, width in ((40, 56), (300, 200), (7, 9), (24, 24)):
+        for seed in range(3):
+            out = chain(readonly(photo(height, width, seed=seed)), np.random.default_rng(seed))
+            assert out.shape == (chain.size, chain.size, 3)
+    assert pickle.loads(pickle.dumps(chain)).size == 24  # it travels to the actors with it
+
+
+def test_a_chain_without_a_fixed_square_declares_no_size():
+    assert compose([ToRGB(), HorizontalFlip()]).size is None
+
+    class Border:  # runs after the crops and says its output depends on its input
+        order, output_size = 50, None
+
+        def __call__(self, image, rng):
+            return np.pad(image, ((1, 1), (1, 1), (0, 0)))
+
+    assert compose([CenterCrop(16), Border()]).size is None
+    assert compose([ResizeShorter(20), CenterCrop(16)]).size == 16  # sorted: the crop is last
+    assert compose([ToRGB()], size=16).size == 16  # a transform of your own that sets it
+    with pytest.raises(ValueError, match="size"):
+        compose([ToRGB()], size=0)
+
+
+def test_item_chain_takes_the_size_from_the_transforms():
+    assert repr(item_chain(None, "train", 48)) == repr(train_tfms(48))
+    assert repr(item_chain(None, "valid", 48)) == repr(default_tfms("valid", 48))
+    assert item_chain(None, "valid").size == 128
+    custom = [ToRGB(), CenterCrop(40)]
+    assert item_chain(custom, "train").size == 40
+    assert item_chain(custom, "train", 40).size == 40  # agreeing is allowed
+    with pytest.raises(ValueError, match="size=32 disagrees with item_tfms, which end at 40"):
+        item_chain(custom, "train", 32)
+    with pytest.raises(ValueError, match="do not say what size they end at"):
+        item_chain([ToRGB(), ResizeShorter(40)], "train")
+    chain = compose(custom)
+    assert item_chain(chain, "valid") is chain
+    with pytest.raises(ValueError, match="do not say what size"):
+        item_chain(lambda image, rng: image, "valid")  # a bare callable
 
 
 def test_valid_pipeline_is_resize_then_centre_crop():
