@@ -101,6 +101,17 @@ def run_fit(config: FitConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- the CLI
+class RenamedOption(argparse.Action):
+    """An option of an older tench: refuse it, saying what it is called now."""
+
+    def __init__(self, option_strings, dest, message: str, **kwargs):
+        super().__init__(option_strings, argparse.SUPPRESS, **kwargs)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(self.message)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = FitConfig()
     s = argparse.SUPPRESS  # options not given stay out of the namespace (see config_from_args)
@@ -127,6 +138,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=int, default=s, metavar="N",
                         help="Ray actors that read, decode and augment each stream "
                              f"(default {d.actors})")
+    # Hidden: without it argparse would read an old `--workers 2` as `--workers-per-node 2`.
+    parser.add_argument("--workers", action=RenamedOption, help=s,
+                        message="--workers is now --actors (Ray actors per stream); "
+                                "training processes on a cluster are --num-workers")
     parser.add_argument("--seed", type=int, default=s, help=f"default {d.seed}")
     parser.add_argument("--resume", action="store_true", default=s,
                         help="continue RUN_DIR from its last completed epoch (last.pt)")
