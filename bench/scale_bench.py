@@ -48,9 +48,9 @@ def fit_rate(shards: str, out: str, workers: int, size: int) -> float:
     from trainer.config import FitConfig
     from trainer.distributed import ClusterOptions, run_distributed
 
-    config = FitConfig(shards=shards, out=out, arch="cnn", epochs=2, bs=32, size=size,
-                       workers=1)
-    run_distributed(config, ClusterOptions(num_workers=workers, placement="SPREAD"))
+    config = FitConfig(shards=shards, out=out, arch="cnn", epochs=2, batch_size=32,
+                       size=size, actors=1)
+    run_distributed(config, ClusterOptions(num_workers=workers, placement="spread"))
     history = json.loads((Path(out) / "metrics.json").read_text())
     from shards.format import read_meta
 

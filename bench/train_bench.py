@@ -23,9 +23,10 @@ import torch.nn.functional as F
 
 from shards.sample import make_sample
 from shards.sharder import shard_folder
+from trainer.build import close_streams, make_learner, make_opt_func, make_streams
 from trainer.callbacks import ParamScheduler, Recorder
 from trainer.config import FitConfig
-from trainer.fit import close_streams, make_learner, make_opt_func, make_streams, run_fit
+from trainer.fit import run_fit
 from trainer.learner import DataPair
 from trainer.models import create_model
 from trainer.schedules import one_cycle
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, default=None)
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--bs", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--arch", default="cnn")
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=3)
@@ -132,8 +133,8 @@ def main() -> None:
             make_sample(tmp / "images", per_class=args.per_class, seed=0)
             shard_folder(tmp / "images", tmp / "shards", processes=2, progress=False)
             shards = tmp / "shards"
-        config = FitConfig(shards=str(shards), arch=args.arch, bs=args.bs, size=args.size,
-                           lr=1e-2, workers=1, device="cpu")
+        config = FitConfig(shards=str(shards), arch=args.arch, batch_size=args.batch_size,
+                           size=args.size, lr=1e-2, actors=1, device="cpu")
         streams = make_streams(config)
         try:
             mem = time_in_memory(config, streams, args.batches, args.rounds)
@@ -142,8 +143,8 @@ def main() -> None:
             close_streams(streams)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\n{args.arch}, {args.size}px, bs {args.bs}, {torch.get_num_threads()} torch threads, "
-          f"best of {args.rounds}")
+    print(f"\n{args.arch}, {args.size}px, batch size {args.batch_size}, "
+          f"{torch.get_num_threads()} torch threads, best of {args.rounds}")
     print(f"{'':32}{'tench Learner':>15}{'bare loop':>12}{'ratio':>8}")
     print(f"{'ms / batch (in memory)':32}{mem['learner']:>15.1f}{mem['bare']:>12.1f}"
           f"{mem['learner'] / mem['bare']:>8.3f}")

@@ -192,7 +192,7 @@ def main(scenario: str, work: Path) -> None:
     from tests.shard_fixtures import serve_s3
     from trainer.distributed import ClusterOptions, run_distributed
 
-    spread2 = ClusterOptions(num_workers=2, max_failures=2, placement="SPREAD")
+    spread2 = ClusterOptions(num_workers=2, max_failures=2, placement="spread")
     shards = make_shards(work)
     s3 = serve_s3(shards)
     s3_url, options = s3.__enter__()
@@ -202,8 +202,8 @@ def main(scenario: str, work: Path) -> None:
                       AWS_ENDPOINT_URL=options["endpoint_url"], AWS_DEFAULT_REGION="us-east-1")
     # remove_node: a third worker node, so the cluster still fits 2 workers after losing one
     cluster, _ = start_cluster(3 if scenario == "remove_node" else 2)
-    base = FitConfig(shards=str(shards), arch="cnn_nobn", epochs=2, bs=7, lr=3e-3, size=32,
-                     workers=1, opt="adam")
+    base = FitConfig(shards=str(shards), arch="cnn_nobn", epochs=2, batch_size=7, lr=3e-3,
+                     size=32, actors=1, opt="adam")
     result: dict = {"shards": str(shards)}
     try:
         if scenario == "two_workers":

@@ -19,8 +19,8 @@ import torch
 from pipeline.batch import Batch
 from shards.format import read_meta
 from shards.vocab import Vocab
+from trainer.build import make_learner, schedule_callbacks
 from trainer.config import FitConfig
-from trainer.fit import make_learner, schedule_callbacks
 from trainer.learner import DataPair
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +112,7 @@ def test_two_workers_equal_one_worker_with_the_global_batch(two_workers):
             Batch(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]), a[2] + b[2])
             for a, b in zip(ranks[0], ranks[1], strict=True)]
     stream = ListStream(per_epoch, Vocab.from_json(meta), meta["stats"])
-    single = config.replace(bs=2 * config.bs, device="cpu")
+    single = config.replace(batch_size=2 * config.batch_size, device="cpu")
     learn = make_learner(single, DataPair(stream, None), None, is_main=False)
     learn.fit(single.epochs, cbs=schedule_callbacks(single))
     trained = torch.load(run / "model.pt", weights_only=True)["state_dict"]

@@ -22,16 +22,17 @@ import torch
 from shards.sample import make_sample
 from shards.sharder import shard_folder
 from trainer import cli
+from trainer.build import close_streams, make_learner, make_streams, run_callbacks
 from trainer.callbacks import CheckpointError, NonFiniteLossError, ParamScheduler, load_checkpoint
 from trainer.config import FitConfig
-from trainer.fit import close_streams, make_learner, make_streams, run_callbacks, run_fit
+from trainer.fit import run_fit
 from trainer.schedules import combine_scheds, sched_no
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 6
 # Small batches: enough of them per epoch that the kill lands inside an epoch.
-FIT_ARGS = ["--arch", "cnn", "--epochs", str(EPOCHS), "--bs", "4", "--size", "32",
-            "--workers", "1", "--seed", "3", "--opt", "adam", "--lr", "3e-3"]
+FIT_ARGS = ["--arch", "cnn", "--epochs", str(EPOCHS), "--batch-size", "4", "--size", "32",
+            "--actors", "1", "--seed", "3", "--opt", "adam", "--lr", "3e-3"]
 RUN_FILES = {"config.json", "metrics.json", "metrics.csv", "last.pt", "model.pt", "loss.png",
              "schedule.png"}
 
@@ -81,7 +82,7 @@ def test_fit_writes_the_run_folder(data, full_run):
     assert {p.name for p in run.iterdir()} >= RUN_FILES
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temp files left
     config = FitConfig.from_json((run / "config.json").read_text())
-    assert (config.arch, config.epochs, config.bs, config.size, config.seed, config.lr) == (
+    assert (config.arch, config.epochs, config.batch_size, config.size, config.seed, config.lr) == (
         "cnn", EPOCHS, 4, 32, 3, 3e-3)
     metrics = json.loads((run / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics] == list(range(EPOCHS))
@@ -192,8 +193,8 @@ def test_a_diverging_lr_stops_the_cli_with_a_clear_message(data, ray_local, caps
 def test_nan_mid_run_keeps_the_last_good_checkpoint(data, ray_local):
     """Epoch 0 trains at a sane lr, then the lr jumps to 1e6 and the loss turns NaN."""
     run = data / "nan_run"
-    config = FitConfig(shards=str(data / "shards"), out=str(run), epochs=3, bs=16, size=32,
-                       workers=1, opt="sgd", lr=1e-2)
+    config = FitConfig(shards=str(data / "shards"), out=str(run), epochs=3, batch_size=16,
+                       size=32, actors=1, opt="sgd", lr=1e-2)
     streams = make_streams(config)
     try:
         learn = make_learner(config, streams, run, is_main=False)
@@ -211,8 +212,8 @@ def test_nan_mid_run_keeps_the_last_good_checkpoint(data, ray_local):
 
 def test_a_last_training_batch_of_one_is_dropped_not_a_batchnorm_crash(data, ray_local):
     """60 training images at bs 59 would end each epoch on one sample, which BatchNorm refuses."""
-    config = FitConfig(shards=str(data / "shards"), out=str(data / "bs59"), epochs=1, bs=59,
-                       size=32, workers=1, opt="adam", lr=1e-3)
+    config = FitConfig(shards=str(data / "shards"), out=str(data / "bs59"), epochs=1,
+                       batch_size=59, size=32, actors=1, opt="adam", lr=1e-3)
     streams = make_streams(config)
     try:
         assert streams.train.num_samples == 60 and len(streams.train) == 1

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from trainer import cli
 from trainer.models import create_model
+from trainer.predict import load_predictor
 
 VOCAB = ["cat", "dog", "tench"]
 
@@ -38,3 +40,24 @@ def test_bad_image_and_missing_model_are_named(tmp_path, capsys):
     assert str(bad) in capsys.readouterr().err
     assert cli.main(["predict", str(tmp_path / "empty"), str(bad)]) == 2
     assert "model.pt" in capsys.readouterr().err
+
+
+def test_predict_normalises_as_training_did(tmp_path):
+    """The shards' mean/std from model.pt, applied as torchvision's normalize would."""
+    write_model(tmp_path / "run")
+    predictor = load_predictor(tmp_path / "run")
+    images = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    expected = predictor.model(TF.normalize(images.float() / 255, [0.5] * 3, [0.25] * 3))
+    torch.testing.assert_close(predictor.probabilities(images), expected.softmax(dim=1),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_file_of_another_format_is_refused(tmp_path, capsys):
+    write_model(tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    torch.save({**state, "format_version": 99}, tmp_path / "run" / "model.pt")
+    good = tmp_path / "a.png"
+    Image.new("RGB", (40, 40)).save(good)
+    assert cli.main(["predict", str(tmp_path / "run"), str(good)]) == 2
+    assert "model format 99" in capsys.readouterr().err

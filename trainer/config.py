@@ -14,9 +14,16 @@ from typing import Any
 
 OPTIMIZERS = ("sgd", "adam", "lamb", "radam", "ranger")
 
+# Fields renamed since (config.json and last.pt of older runs still load): old -> new.
+RENAMED_FIELDS = {"bs": "batch_size", "workers": "actors"}
+
 # Settings that may change when a run is resumed: they do not change what is computed
 # (epochs is checked separately: it must stay the same for the schedule to line up).
 RUNTIME_FIELDS = frozenset({"address", "device", "resume", "force"})
+
+
+class FitError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -27,19 +34,17 @@ class FitConfig:
     out: str = ""
     arch: str = "cnn"
     epochs: int = 5
-    bs: int = 64
+    batch_size: int = 64  # per process (data-parallel: per Ray Train worker)
     lr: float | None = 3e-3  # None: pick it with the LR finder (lr_find=True)
     lr_find: bool = False
     opt: str = "adam"
     wd: float = 0.01
-    mom: float = 0.9  # for sgd; the one-cycle schedule then drives it (0.95 -> 0.85 -> 0.95)
     pct_start: float = 0.25
-    one_cycle: bool = True
     size: int = 64
     lsuv: bool = False
     mixup: float = 0.0  # alpha; 0 = off
     label_smoothing: float = 0.0  # eps; 0 = plain cross-entropy
-    workers: int | None = 1  # Ray actors per stream; None = the cluster's CPUs
+    actors: int | None = 1  # Ray actors per stream (decode + augment); None = the cluster's CPUs
     seed: int = 0
     resume: bool = False
     force: bool = False
@@ -50,8 +55,8 @@ class FitConfig:
         problems = []
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
-        if self.bs < 1:
-            problems.append(f"bs must be >= 1, got {self.bs}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.size < 8:
             problems.append(f"size must be >= 8, got {self.size}")
         if self.lr is None and not self.lr_find:
@@ -68,8 +73,8 @@ class FitConfig:
             problems.append(f"mixup alpha must be >= 0 (0 = off), got {self.mixup}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.workers is not None and self.workers < 1:
-            problems.append(f"workers must be >= 1, got {self.workers}")
+        if self.actors is not None and self.actors < 1:
+            problems.append(f"actors must be >= 1, got {self.actors}")
         if problems:
             raise ValueError("invalid fit config: " + "; ".join(problems))
 
@@ -84,7 +89,23 @@ class FitConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> FitConfig:
-        """From `to_dict` output; unknown keys are an error (a config from another tench)."""
+        """From `to_dict` output; unknown keys are an error (a config from another tench).
+
+        Older runs' names are mapped: `bs` -> `batch_size`, `workers` -> `actors`; `mom` is
+        dropped (sgd's momentum is driven by the one-cycle schedule whatever it started at)
+        and `one_cycle` must be true (the one schedule tench trains with).
+        """
+        data = dict(data)
+        for old, new in RENAMED_FIELDS.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"fit config has both {old!r} (the old name) and {new!r}")
+                data[new] = data.pop(old)
+        data.pop("mom", None)
+        if data.pop("one_cycle", True) is not True:
+            raise ValueError("fit config has one_cycle=false, a constant-lr run of an older "
+                             "tench; this tench trains with the one-cycle schedule only: "
+                             "start a new run")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

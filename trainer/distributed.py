@@ -3,8 +3,8 @@
 Each worker builds its rank's part of the streams (`make_streams(config, rank, world_size)`:
 disjoint, equal-length parts of every epoch), the same seeded model (`make_learner`), and
 wraps the model with `ray.train.torch.prepare_model` (DDP: gloo on CPU, NCCL on GPU), so
-every step averages the gradients of all workers: N workers with batch size `bs` train
-like one process with batch size `N * bs`.
+every step averages the gradients of all workers: N workers with batch size `B` train
+like one process with batch size `N * B`.
 
 - Metrics: the loss/metric sums and counts of every epoch are all-reduced before they
   become a row of `learn.history`, so the figures rank 0 prints and logs are global.
@@ -28,35 +28,50 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
+from pipeline.actors import use_ray_thread_count
 from pipeline.source import ShardSource
+from pipeline.stream import ensure_ray
 from shards.atomic import atomic_write_text
 from shards.vocab import Vocab
-from trainer.callbacks import AvgStatsCallback, Callback, load_checkpoint, restore, save_checkpoint
-from trainer.callbacks.checkpoint import LAST_NAME, checkpoint_state
-from trainer.callbacks.stats import MetricsLogger, history_csv
-from trainer.config import FitConfig
-from trainer.fit import (
-    CONFIG_NAME,
-    MODEL_NAME,
-    FitError,
+from trainer.build import (
     close_streams,
     first_float_batch,
     make_learner,
     make_streams,
-    model_file,
-    prepare_run_dir,
-    save_model,
     schedule_callbacks,
 )
+from trainer.callbacks import (
+    AvgStatsCallback,
+    Callback,
+    MetricsLogger,
+    checkpoint_state,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+)
+from trainer.config import FitConfig, FitError
+from trainer.lsuv import lsuv_init
 from trainer.models import create_model
+from trainer.run_dir import (
+    LAST_NAME,
+    RAY_RUN_NAME,
+    RAY_STORAGE_NAME,
+    prepare_run_dir,
+    run_summary,
+    save_model,
+    summary_line,
+    write_config,
+    write_metrics,
+)
 
 log = logging.getLogger(__name__)
 
-RAY_RUN_NAME = "ray_run.json"  # RUN_DIR/ray_run.json: where Ray Train keeps this run
+# Where Ray Train puts the training processes: "pack" fills one node before the next,
+# "spread" puts them on as many nodes as it can (Ray's PACK and SPREAD strategies).
+PLACEMENTS = ("pack", "spread")
 Callbacks = Callable[[int, int], list]  # (rank, world_size) -> extra callbacks
 
 
@@ -69,7 +84,7 @@ class ClusterOptions:
     cpus_per_worker: float = 1.0  # CPUs each training process holds (stream actors extra)
     storage: str | None = None  # Ray Train's storage_path; None: RUN_DIR/ray (one machine)
     max_failures: int = 3  # worker-group restarts after a failure before giving up
-    placement: str = "PACK"  # Ray placement strategy: PACK fills nodes, SPREAD spreads
+    placement: str = "pack"  # one of PLACEMENTS
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -78,6 +93,8 @@ class ClusterOptions:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
         if self.cpus_per_worker < 0:
             raise ValueError(f"cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -143,8 +160,6 @@ def train_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.actors import use_ray_thread_count
-
     use_ray_thread_count()  # torch threads = this worker's CPUs, even in a preloaded worker
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -170,8 +185,6 @@ def train_worker(loop_config: dict) -> None:
                       f"epoch {start_epoch} is redone from its first batch (whatever it had "
                       f"trained before the failure is discarded)", flush=True)
         elif config.lsuv:  # every rank computes it; DDP then broadcasts rank 0's weights
-            from trainer.lsuv import lsuv_init
-
             lsuv_init(learn.model, first_float_batch(learn))
         learn.model = ray.train.torch.prepare_model(learn.model, move_to_device=False)
         cbs = [ReduceStats(), RayTrainReport(config, vocab, run_dir, is_main)]
@@ -196,7 +209,7 @@ def _ray_run(run_dir: Path, config: FitConfig, options: ClusterOptions) -> tuple
                            "--resume")
         stored = json.loads(record.read_text())
         return stored["storage"], stored["name"]
-    storage = options.storage or str(run_dir / "ray")
+    storage = options.storage or str(run_dir / RAY_STORAGE_NAME)
     if "://" not in storage:  # a folder: absolute, as Ray Train's workers run elsewhere
         storage = str(Path(storage).expanduser().resolve())
     name = f"{run_dir.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"  # fresh: no stale restore
@@ -214,8 +227,6 @@ def run_distributed(config: FitConfig, options: ClusterOptions,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.stream import ensure_ray
-
     if config.lr is None or config.lr_find:
         raise FitError("the LR finder runs on one machine: run `tench fit --lr-find` there "
                        "and pass the lr it suggests with --lr")
@@ -232,14 +243,14 @@ def run_distributed(config: FitConfig, options: ClusterOptions,
     config = config.replace(shards=source.url)
     meta = source.read_meta()
     vocab = Vocab.from_json(meta)
-    atomic_write_text(run_dir / CONFIG_NAME, config.to_json())
+    write_config(run_dir, config)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"fit": config.to_dict(), "run_dir": str(run_dir.resolve()),
                            "callbacks": callbacks},
         scaling_config=ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu,
                                      resources_per_worker={"CPU": options.cpus_per_worker},
-                                     placement_strategy=options.placement),
+                                     placement_strategy=options.placement.upper()),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=options.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -250,26 +261,12 @@ def run_distributed(config: FitConfig, options: ClusterOptions,
     with result.checkpoint.as_directory() as folder:
         state = load_checkpoint(Path(folder) / LAST_NAME, vocab.fingerprint)
     save_checkpoint(run_dir / LAST_NAME, state)  # the head node's copy, wherever rank 0 ran
-    history = state["history"]
-    atomic_write_text(run_dir / "metrics.json", json.dumps(history, indent=1))
-    atomic_write_text(run_dir / "metrics.csv", history_csv(history))
+    write_metrics(run_dir, state["history"])
     model = create_model(config.arch, len(vocab))
     model.load_state_dict(state["model"])
-    model_path = save_model(run_dir / MODEL_NAME,
-                            model_file(SimpleNamespace(model=model), config, vocab,
-                                       meta["stats"]))
-    last = history[-1] if history else {}
-    return {
-        "run_dir": str(run_dir),
-        "model": str(model_path),
-        "epochs": config.epochs,
-        "num_workers": options.num_workers,
-        "train_loss": last.get("train_loss"),
-        "valid_loss": last.get("valid_loss"),
-        "accuracy": last.get("accuracy"),
-        "seconds": round(time.perf_counter() - start_time, 3),
-        "checkpoint": result.checkpoint.path,
-    }
+    model_path = save_model(run_dir, model, config, vocab, meta["stats"])
+    return run_summary(run_dir, model_path, config, state["history"], start_time,
+                       num_workers=options.num_workers, checkpoint=result.checkpoint.path)
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -289,10 +286,9 @@ def add_cluster_arguments(parser) -> None:
                             "or s3://bucket/path (default RUN_DIR/ray, one machine only)")
     group.add_argument("--max-failures", type=int, default=3,
                        help="restarts after a worker or node failure (default 3)")
-
-
-def wants_cluster(args) -> bool:
-    return bool(getattr(args, "num_workers", None) or getattr(args, "workers_per_node", None))
+    group.add_argument("--placement", choices=PLACEMENTS, default="pack",
+                       help="pack: fill one node before the next; spread: as many nodes as "
+                            "possible (default pack)")
 
 
 def count_nodes(use_gpu: bool) -> int:
@@ -312,22 +308,16 @@ def cluster_options_from_args(args) -> ClusterOptions:
         num_workers = args.workers_per_node * nodes
     return ClusterOptions(num_workers=num_workers, use_gpu=args.gpu,
                           cpus_per_worker=args.cpus_per_worker, storage=args.storage,
-                          max_failures=args.max_failures)
+                          max_failures=args.max_failures, placement=args.placement)
 
 
 def main_distributed(config: FitConfig, args) -> int:
     """`tench fit ... --num-workers N` / `--workers-per-node K`: train on the cluster."""
-    from pipeline.stream import ensure_ray
-
     ensure_ray(config.address)  # join first: --workers-per-node counts the nodes
     options = cluster_options_from_args(args)
     print(f"tench fit: {options.num_workers} data-parallel workers "
           f"({'GPU' if options.use_gpu else 'CPU'}), global batch "
-          f"{options.num_workers * config.bs}", flush=True)
+          f"{options.num_workers * config.batch_size}", flush=True)
     summary = run_distributed(config, options)
-    accuracy = summary["accuracy"]
-    accuracy_text = "n/a" if accuracy is None else f"{accuracy:.1%}"
-    print(f"done: {summary['epochs']} epochs on {options.num_workers} workers in "
-          f"{summary['seconds']:.1f}s, validation accuracy {accuracy_text}; model in "
-          f"{summary['model']}", flush=True)
+    print(summary_line(summary, f" on {options.num_workers} workers"), flush=True)
     return 0

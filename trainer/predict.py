@@ -1,8 +1,9 @@
 """`tench predict RUN_DIR IMAGE...`: class and probability of image files with a trained run.
 
-Reads `RUN_DIR/model.pt` (weights only), decodes each image as the validation stream
-does (`pipeline.decode` + the validation transforms), normalises it with the shards'
-mean/std and prints `path<TAB>class<TAB>probability`, one line per image.
+Reads the run's model (`trainer.run_dir.load_model`, weights only), decodes each image as
+the validation stream does (`pipeline.decode` + the validation transforms), normalises it
+as training did (`trainer.callbacks.device.Normalize`, the shards' mean/std) and prints
+`path<TAB>class<TAB>probability`, one line per image.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ import torch
 
 from pipeline.decode import DecodeError, decode_image
 from pipeline.transforms import VALID_ZOOM, valid_tfms
-from trainer.models import create_model
-
-MODEL_NAME = "model.pt"
-MODEL_KEYS = {"arch", "n_classes", "state_dict", "vocab", "stats", "size", "format_version"}
+from trainer.callbacks.device import Normalize
+from trainer.run_dir import ModelFileError, load_model
 
 
 class PredictError(ValueError):
@@ -33,8 +32,7 @@ class Predictor:
 
     model: torch.nn.Module
     vocab: list[str]
-    mean: torch.Tensor  # (1, 3, 1, 1), 0-255 scale
-    std: torch.Tensor
+    normalize: Normalize  # the shards' mean/std, as in training
     size: int
 
     def image_tensor(self, path: str | Path) -> torch.Tensor:
@@ -55,26 +53,15 @@ class Predictor:
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 -> (B, n_classes) softmax probabilities."""
-        x = (images.float() - self.mean) / self.std
+        x = self.normalize(images)
         return self.model(x).float().softmax(dim=1)
 
 
 def load_predictor(run_dir: str | Path) -> Predictor:
-    path = Path(run_dir) / MODEL_NAME
-    if not path.is_file():
-        raise PredictError(f"{path}: no model there; is {run_dir} a finished `tench fit` run?")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, foreign or pickled-object files
-        raise PredictError(f"{path}: not a readable tench model ({e})") from e
-    if not isinstance(state, dict) or not set(state) >= MODEL_KEYS:
-        raise PredictError(f"{path}: not a tench model file (needs keys {sorted(MODEL_KEYS)})")
-    model = create_model(state["arch"], int(state["n_classes"]))
-    model.load_state_dict(state["state_dict"])
-    model.eval()
-    mean = torch.tensor([m * 255.0 for m in state["stats"]["mean"]]).view(1, -1, 1, 1)
-    std = torch.tensor([s * 255.0 for s in state["stats"]["std"]]).view(1, -1, 1, 1)
-    return Predictor(model, list(state["vocab"]), mean, std, int(state["size"]))
+    """The run's model.pt, ready to predict; raises ModelFileError naming the file."""
+    trained = load_model(run_dir)
+    return Predictor(trained.model, trained.vocab, Normalize.from_stats(trained.stats),
+                     trained.size)
 
 
 def predict_files(predictor: Predictor, paths: list[str | Path]) -> list[tuple[str, str, float]]:
@@ -94,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         predictor = load_predictor(args.run_dir)
-    except PredictError as e:
+    except ModelFileError as e:
         print(f"tench predict: {e}", file=sys.stderr)
         return 2
     failed = 0

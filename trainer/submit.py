@@ -15,10 +15,10 @@ import argparse
 import os
 import sys
 
+from trainer import fit  # the installed tench
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from trainer import fit  # the installed tench
-
     parser = argparse.ArgumentParser(prog="submit.py", description=__doc__.splitlines()[0])
     fit.add_arguments(parser)  # tench fit's options, --num-workers/--workers-per-node included
     return parser
@@ -30,8 +30,6 @@ def main(argv: list[str] | None = None) -> int:
         args.address = os.environ.get("RAY_ADDRESS") or "auto"
     if not args.num_workers and not args.workers_per_node:
         args.workers_per_node = 1
-    from trainer import fit
-
     return fit.main(args)
 
 

@@ -21,7 +21,7 @@ from trainer.callbacks.core import (
     CancelTrain,
     CancelValidate,
 )
-from trainer.callbacks.device import BatchTransform, DeviceCallback, NormalizeCallback
+from trainer.callbacks.device import DeviceCallback, Normalize, NormalizeCallback
 from trainer.callbacks.guards import NonFiniteGuard, NonFiniteLossError
 from trainer.callbacks.lr_finder import LRFinder, LRFindResult, lr_find, valley
 from trainer.callbacks.mixup import MixUp
@@ -32,11 +32,11 @@ from trainer.callbacks.schedule import ParamScheduler
 from trainer.callbacks.stats import AvgStatsCallback, MetricsLogger, accuracy
 
 __all__ = [
-    "CHECKPOINT_VERSION", "EVENTS", "AvgStatsCallback", "BatchTransform", "Callback",
+    "CHECKPOINT_VERSION", "EVENTS", "AvgStatsCallback", "Callback",
     "CallbackError", "CancelBatch", "CancelEpoch", "CancelException", "CancelFit",
     "CancelStep", "CancelTrain", "CancelValidate", "CheckpointCallback", "CheckpointError",
     "DeviceCallback", "LRFindResult", "LRFinder", "MetricsLogger", "MixUp", "MixedPrecision",
-    "NonFiniteGuard", "NonFiniteLossError", "NormalizeCallback", "ParamScheduler",
+    "NonFiniteGuard", "NonFiniteLossError", "Normalize", "NormalizeCallback", "ParamScheduler",
     "ProgressCallback", "Recorder", "SmoothLoss", "accuracy", "checkpoint_state",
     "load_checkpoint", "lr_find", "restore", "save_checkpoint", "valley",
 ]

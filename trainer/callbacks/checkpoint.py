@@ -30,9 +30,9 @@ import torch
 from shards.atomic import atomic_open
 from shards.vocab import vocab_fingerprint
 from trainer.callbacks.core import Callback
+from trainer.run_dir import LAST_NAME
 
 CHECKPOINT_VERSION = 1
-LAST_NAME = "last.pt"
 
 
 class CheckpointError(ValueError):

@@ -6,7 +6,7 @@ conversion and normalisation happen on the device, in one fused pass over the ba
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -58,26 +58,13 @@ class DeviceCallback(Callback):
         learn.yb = yb.to(self.device, non_blocking=self.non_blocking)
 
 
-class BatchTransform(Callback):
-    """Apply `func(xb) -> xb` to every batch on the device (after DeviceCallback)."""
+class Normalize:
+    """uint8 images -> float32 `(x / 255 - mean) / std` per channel, on the images' device.
 
-    order = -20
-
-    def __init__(self, func: Callable[[torch.Tensor], torch.Tensor]):
-        self.func = func
-
-    def before_batch(self, learn) -> None:
-        learn.xb = self.func(learn.xb)
-
-
-class NormalizeCallback(Callback):
-    """uint8 images -> float32 `(x / 255 - mean) / std` per channel, on the batch's device.
-
-    `mean` and `std` are on the 0-1 scale, one value per channel, as `meta.json`'s
-    `stats` gives them (see `from_stats`).
+    The one normalisation of tench: the Learner's `NormalizeCallback`, LSUV's first batch
+    and `tench predict` all call it. `mean` and `std` are on the 0-1 scale, one value per
+    channel, as `meta.json`'s `stats` gives them (see `from_stats`).
     """
-
-    order = -20
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         if len(mean) != len(std):
@@ -89,23 +76,52 @@ class NormalizeCallback(Callback):
         self.scale = torch.tensor([s * 255.0 for s in std]).view(1, -1, 1, 1)
 
     @classmethod
+    def from_stats(cls, stats: dict) -> Normalize:
+        """From `meta.json`'s `{"mean": [r, g, b], "std": [r, g, b]}`."""
+        return cls(stats["mean"], stats["std"])
+
+    def to(self, device: str | torch.device) -> Normalize:
+        """Keep the constants on `device` (done once, not per batch)."""
+        self.shift, self.scale = self.shift.to(device), self.scale.to(device)
+        return self
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) uint8 -> float32 of the same shape and memory format."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"normalisation expects uint8 image batches, got {images.dtype}")
+        if images.shape[1] != self.shift.shape[1]:
+            raise ValueError(
+                f"batch has {images.shape[1]} channels but mean/std have {self.shift.shape[1]}"
+            )
+        if self.shift.device != images.device:
+            self.to(images.device)
+        # .float() keeps the memory format (channels_last stays channels_last).
+        return images.float().sub_(self.shift).div_(self.scale)
+
+
+class NormalizeCallback(Callback):
+    """Normalise every batch on its device with `Normalize` (after DeviceCallback)."""
+
+    order = -20
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.normalize = Normalize(mean, std)
+
+    @classmethod
     def from_stats(cls, stats: dict) -> NormalizeCallback:
         """From `meta.json`'s `{"mean": [r, g, b], "std": [r, g, b]}`."""
         return cls(stats["mean"], stats["std"])
 
+    @property
+    def shift(self) -> torch.Tensor:  # mean * 255, (1, C, 1, 1)
+        return self.normalize.shift
+
+    @property
+    def scale(self) -> torch.Tensor:  # std * 255, (1, C, 1, 1)
+        return self.normalize.scale
+
     def before_fit(self, learn) -> None:
-        device = model_device(learn.model)
-        self.shift, self.scale = self.shift.to(device), self.scale.to(device)
+        self.normalize.to(model_device(learn.model))
 
     def before_batch(self, learn) -> None:
-        xb = learn.xb
-        if xb.dtype != torch.uint8:
-            raise TypeError(
-                f"NormalizeCallback expects uint8 image batches from the stream, got {xb.dtype}"
-            )
-        if xb.shape[1] != self.shift.shape[1]:
-            raise ValueError(
-                f"batch has {xb.shape[1]} channels but mean/std have {self.shift.shape[1]}"
-            )
-        # .float() keeps the memory format (channels_last stays channels_last).
-        learn.xb = xb.float().sub_(self.shift).div_(self.scale)
+        learn.xb = self.normalize(learn.xb)

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from trainer.callbacks.checkpoint import CheckpointCallback
 from trainer.callbacks.core import Callback, CancelFit, CancelValidate
 from trainer.callbacks.recorder import SmoothLoss, new_figure, save_figure
+from trainer.callbacks.stats import MetricsLogger
 
 
 def valley(losses: Sequence[float]) -> int:
@@ -74,9 +76,6 @@ class LRFinder(Callback):
         self.suggestion: float | None = None
 
     def before_fit(self, learn) -> None:
-        from trainer.callbacks.checkpoint import CheckpointCallback
-        from trainer.callbacks.stats import MetricsLogger
-
         persisting = [cb for cb in learn.cbs if isinstance(cb, CheckpointCallback | MetricsLogger)]
         if persisting:
             raise ValueError(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from shards.atomic import atomic_write_bytes
 from trainer.callbacks.core import Callback
+from trainer.run_dir import LOSS_PLOT_NAME, SCHEDULE_PLOT_NAME
 
 
 class SmoothLoss:
@@ -105,8 +106,8 @@ class Recorder(Callback):
 
     def after_fit(self, learn) -> None:
         if self.plot_dir is not None and self.losses:
-            self.plot_loss(self.plot_dir / "loss.png")
-            self.plot_schedule(self.plot_dir / "schedule.png")
+            self.plot_loss(self.plot_dir / LOSS_PLOT_NAME)
+            self.plot_schedule(self.plot_dir / SCHEDULE_PLOT_NAME)
 
     def plot_loss(self, path: str | Path) -> Path:
         fig, (ax,) = new_figure()

@@ -2,22 +2,19 @@
 
 `AvgStatsCallback` appends one dict per epoch to `learn.history`:
 `{"epoch", "train_loss", "train_<metric>"..., "valid_loss", "<metric>"..., "seconds"}`;
-`MetricsLogger` writes that list to `metrics.json` and `metrics.csv` after every epoch.
+`MetricsLogger` writes that list to the run folder's metrics files after every epoch.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
-from shards.atomic import atomic_write_text
 from trainer.callbacks.core import Callback
+from trainer.run_dir import write_metrics
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -82,17 +79,6 @@ class AvgStatsCallback(Callback):
         learn.history.append(row)
 
 
-def history_csv(history: list[dict]) -> str:
-    columns: list[str] = []
-    for row in history:
-        columns += [key for key in row if key not in columns]
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    return out.getvalue()
-
-
 class MetricsLogger(Callback):
     """Rewrite `metrics.json` (a list, one object per epoch) and `metrics.csv` each epoch.
 
@@ -102,15 +88,11 @@ class MetricsLogger(Callback):
 
     order = 65
 
-    def __init__(self, folder: str | Path, json_name: str = "metrics.json",
-                 csv_name: str | None = "metrics.csv"):
+    def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.json_name, self.csv_name = json_name, csv_name
 
     def before_fit(self, learn) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def after_epoch(self, learn) -> None:
-        atomic_write_text(self.folder / self.json_name, json.dumps(learn.history, indent=1))
-        if self.csv_name:
-            atomic_write_text(self.folder / self.csv_name, history_csv(learn.history))
+        write_metrics(self.folder, learn.history)

@@ -1,0 +1,141 @@
+"""The pieces of a training run, shared by the local (`trainer.fit`) and the data-parallel
+(`trainer.distributed`) entry: one call per process, or per Ray Train worker.
+
+`make_streams` (the train/valid `ShardStream`s of one rank), `make_learner` (model,
+optimizer, loss and the callbacks that persist nothing), `run_callbacks` (metrics files and
+last.pt, main process only) and `schedule_callbacks` (the one-cycle lr and momentum).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.plan import samples_per_rank
+from pipeline.stream import ShardStream
+from trainer import optim
+from trainer.callbacks import (
+    AvgStatsCallback,
+    CheckpointCallback,
+    DeviceCallback,
+    MetricsLogger,
+    MixedPrecision,
+    MixUp,
+    NonFiniteGuard,
+    NormalizeCallback,
+    ParamScheduler,
+    ProgressCallback,
+    Recorder,
+)
+from trainer.config import FitConfig, FitError
+from trainer.learner import DataPair, Learner
+from trainer.losses import LabelSmoothingCrossEntropy
+from trainer.models import create_model
+from trainer.schedules import one_cycle
+
+# sgd's starting momentum: any value > 0 selects the momentum step; the one-cycle schedule
+# then sets it every batch (0.95 -> 0.85 -> 0.95).
+SGD_MOMENTUM = 0.9
+
+
+def seed_everything(seed: int) -> None:
+    """torch, numpy and python's global RNGs (the streams and MixUp seed their own)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_streams(config: FitConfig, rank: int = 0, world_size: int = 1) -> DataPair:
+    """The training (shuffled, augmented) and validation streams of one rank.
+
+    Close them with `close_streams` when done (their Ray actors stay up until then).
+    """
+    def stream(split: str) -> ShardStream:
+        return ShardStream(config.shards, split, batch_size=config.batch_size, size=config.size,
+                           seed=config.seed, num_actors=config.actors, rank=rank,
+                           world_size=world_size, address=config.address)
+
+    train = stream("train")
+    try:
+        valid = stream("valid")
+    except BaseException:
+        train.close()
+        raise
+    # A last training batch of one sample breaks BatchNorm ("Expected more than 1 value per
+    # channel"): drop that one sample from training epochs rather than crash at the epoch's end.
+    if samples_per_rank(train.num_samples, world_size, False) % config.batch_size == 1 \
+            and len(train) > train.num_actors:
+        train.drop_last = True
+    return DataPair(train, valid)
+
+
+def close_streams(streams: DataPair) -> None:
+    for stream in streams:
+        if stream is not None and hasattr(stream, "close"):
+            stream.close()
+
+
+def make_opt_func(config: FitConfig):
+    """`(params, lr) -> optimizer` for `config.opt`; every recipe has 'lr' and 'mom' hypers."""
+    recipe = getattr(optim, config.opt)
+    if config.opt == "sgd":
+        return functools.partial(recipe, mom=SGD_MOMENTUM, wd=config.wd)
+    return functools.partial(recipe, wd=config.wd)
+
+
+def make_loss(config: FitConfig):
+    if config.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(config.label_smoothing)
+    return F.cross_entropy
+
+
+def make_learner(config: FitConfig, streams: DataPair, run_dir: str | Path | None = None,
+                 is_main: bool = True) -> Learner:
+    """A seeded model and a Learner with the callbacks that persist nothing.
+
+    Device placement, uint8 -> normalised float on the device, MixUp, mixed precision
+    (CUDA only), loss/accuracy averages and the NaN guard on every worker; the progress
+    bars and the Recorder (plots into `run_dir`) only where `is_main`. Add `run_callbacks`
+    before fitting for the metrics files and last.pt; pass `schedule_callbacks` to `fit`.
+    """
+    vocab = streams.train.vocab
+    seed_everything(config.seed)
+    model = create_model(config.arch, len(vocab))
+    cbs: list = [DeviceCallback(config.device), NormalizeCallback.from_stats(streams.train.stats),
+                 MixedPrecision(torch.bfloat16), AvgStatsCallback(), NonFiniteGuard()]
+    if config.mixup > 0:
+        cbs.append(MixUp(config.mixup, seed=config.seed))
+    if is_main:
+        cbs += [ProgressCallback(), Recorder(plot_dir=run_dir)]
+    return Learner(model, streams, make_loss(config), make_opt_func(config),
+                   lr=config.lr or 1e-3, cbs=cbs)
+
+
+def run_callbacks(config: FitConfig, run_dir: str | Path, vocab: Any) -> list:
+    """The metrics files and last.pt after every epoch (the main process only)."""
+    return [MetricsLogger(run_dir), CheckpointCallback(run_dir, config.to_dict(), vocab)]
+
+
+def schedule_callbacks(config: FitConfig) -> list:
+    """One-cycle lr and momentum as a function of the training position."""
+    if config.lr is None:
+        raise FitError("no learning rate: give --lr or --lr-find")
+    return [ParamScheduler(one_cycle(config.lr, pct_start=config.pct_start))]
+
+
+def first_float_batch(learn: Learner) -> torch.Tensor:
+    """One normalised training batch on the model's device (for LSUV), normalised by the
+    learner's own `NormalizeCallback`."""
+    stream = learn.data.train
+    stream.set_epoch(0)
+    batch = next(iter(stream))
+    normalize = learn.find_cb(NormalizeCallback).normalize
+    device = learn.find_cb(DeviceCallback).device
+    learn.model.to(device)
+    return normalize(batch.images.to(device))
