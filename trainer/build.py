@@ -57,9 +57,8 @@ def make_streams(config: FitConfig, rank: int = 0, world_size: int = 1) -> DataP
     Close them with `close_streams` when done (their Ray actors stay up until then).
     """
     def stream(split: str) -> ShardStream:
-        return ShardStream(config.shards, split, batch_size=config.batch_size, size=config.size,
-                           seed=config.seed, num_actors=config.actors, rank=rank,
-                           world_size=world_size, address=config.address)
+        return ShardStream(config.shards, split, config.stream_settings(), size=config.size,
+                           rank=rank, world_size=world_size, address=config.address)
 
     train = stream("train")
     try:

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.settings import StreamSettings
+
 OPTIMIZERS = ("sgd", "adam", "lamb", "radam", "ranger")
 
 # Fields renamed since (config.json and last.pt of older runs still load): old -> new.
@@ -77,6 +79,10 @@ class FitConfig:
             problems.append(f"actors must be >= 1, got {self.actors}")
         if problems:
             raise ValueError("invalid fit config: " + "; ".join(problems))
+
+    def stream_settings(self) -> StreamSettings:
+        """How this run's streams batch and order their data (both splits, every rank)."""
+        return StreamSettings(batch_size=self.batch_size, seed=self.seed, num_actors=self.actors)
 
     def replace(self, **changes: Any) -> FitConfig:
         return dataclasses.replace(self, **changes)
