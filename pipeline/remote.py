@@ -147,7 +147,10 @@ class _HttpBody:
             raise RemoteReadError(f"{url}: HTTP {status} {self.response.reason}")
         self.size = None
         if status == 206:
-            total = self.response.headers.get("Content-Range", "").rpartition("/")[2]
+            span, _, total = self.response.headers.get("Content-Range", "").partition("/")
+            if not span.removeprefix("bytes ").startswith(f"{offset}-"):
+                self.close()
+                raise RemoteReadError(f"{url}: asked for bytes from {offset}, got {span!r}")
             self.size = int(total) if total.isdigit() else None
         elif "Content-Length" in self.response.headers:
             self.size = int(self.response.headers["Content-Length"])
@@ -228,6 +231,8 @@ class RetryingReader(io.RawIOBase):
         return len(data)
 
     def _read(self, n: int) -> bytes:
+        if n <= 0:
+            return b""
         while True:
             try:
                 if self._body is None:
@@ -256,9 +261,8 @@ class RetryingReader(io.RawIOBase):
     def _wait_or_give_up(self, error: Exception) -> None:
         retry = self.attempts  # the retry that comes next
         if retry > self.options.retries:
-            what = f"shard {self.shard}" if self.shard else "the file"
             raise RemoteReadError(
-                f"{self.url}: reading {what} failed {self.attempts} times (retries="
+                f"{self.url}: reading {self.shard or 'it'} failed {self.attempts} times (retries="
                 f"{self.options.retries}, read_timeout={self.options.read_timeout:g} s), the "
                 f"last at byte {self.position}: {type(error).__name__}: {error}") from error
         self._sleep(self.options.delay(retry))

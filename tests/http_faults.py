@@ -91,10 +91,8 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
                 srv.stopping.wait(fault[2])
             self.close_connection = True
             return
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # client gave up
             self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up on it
-            pass
 
 
 @contextlib.contextmanager
