@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from pipeline.remote import RemoteOptions
+
 ON_ERROR = ("fail", "skip")
 PLACEMENTS = ("local", "spread")
 # Ray's cost per returned object (the raylet's plasma work, the driver's `ray.get`) is what
@@ -35,6 +37,10 @@ class StreamSettings:
     - `on_error`: "fail" raises `ShardReadError` naming the shard; "skip" leaves out what
       cannot be read and refills those batch slots with repeats.
     - `max_restarts`: how often Ray may restart a crashed actor (it then replays its task).
+    - `read_timeout`, `retries`: how long a remote read waits for bytes (s) and how often a
+      broken one is retried, resuming where it broke (`pipeline.remote.RemoteOptions`).
+    - `cache_dir`, `cache_limit`: keep remote shards in this local folder, at most this many
+      bytes (an int or e.g. "50GB"); None reads them from the network every epoch.
     """
 
     batch_size: int = 64
@@ -48,6 +54,10 @@ class StreamSettings:
     placement: str = "local"
     on_error: str = "fail"
     max_restarts: int = 3
+    read_timeout: float = RemoteOptions.read_timeout
+    retries: int = RemoteOptions.retries
+    cache_dir: str | None = None
+    cache_limit: int | str = RemoteOptions.cache_limit
 
     def __post_init__(self) -> None:
         for name, least in (("batch_size", 1), ("num_actors", 1), ("prefetch", 1),
@@ -70,6 +80,15 @@ class StreamSettings:
         if self.on_error not in ON_ERROR:
             raise ValueError(f"StreamSettings: on_error must be one of {ON_ERROR}, "
                              f"got {self.on_error!r}")
+        try:
+            self.remote()
+        except ValueError as e:
+            raise ValueError(f"StreamSettings: {e}") from None
+
+    def remote(self) -> RemoteOptions:
+        """How the stream's source reads remote shards: timeouts, retries, cache."""
+        return RemoteOptions(read_timeout=self.read_timeout, retries=self.retries,
+                             cache_dir=self.cache_dir, cache_limit=self.cache_limit)
 
     def replace(self, **changes) -> StreamSettings:
         """A copy with `changes`; an unknown name is refused with the list of known ones."""

@@ -4,28 +4,30 @@ A `ShardSource` is a base location (a local folder, `file://`, `http(s)://`, `s3
 anything else fsspec knows) plus fsspec `storage_options`. It is a small picklable value,
 so each Ray actor opens and reads its own shards; no shard bytes pass through the driver.
 
+Remote sources read through `pipeline.remote` (timeouts, retries that resume where a read
+broke) and, with `RemoteOptions.cache_dir`, through a local cache (`pipeline.cache`).
+
 Shards are read front to back (`pipeline.tarstream`, a stream reader like `tarfile`'s
-`r|` mode): nothing is written to disk, nothing is unpickled, and a segment that ends
-early stops the download there. A tar cut at a header reads as a short, valid archive,
-so every read is checked against the sample counts in `meta.json`; a short shard is a
-`ShardReadError`.
+`r|` mode): nothing is extracted or unpickled, and without a cache nothing is written to
+disk and a segment that ends early stops the download there. A tar cut at a header reads
+as a short, valid archive, so every read is checked against the sample counts in
+`meta.json`; a short shard is a `ShardReadError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-import fsspec
-
+from pipeline.cache import CachedShard, cache_for, shard_checks
 from pipeline.plan import Segment
+from pipeline.remote import RemoteOptions, open_remote
 from pipeline.tarstream import TarFormatError, iter_tar
 from shards.format import LABEL_EXT, META_NAME, decode_label, validate_meta
-
-REMOTE_BLOCK = 4 << 20  # read-ahead per open shard on object stores: bounded, not a whole shard
 
 
 class ShardReadError(Exception):
@@ -57,20 +59,23 @@ class ShardSource:
     Object stores take their settings from `storage_options`, e.g. an S3-compatible
     server: `{"endpoint_url": "http://127.0.0.1:9000", "key": ..., "secret": ...}`;
     without them s3fs uses the usual AWS environment variables and config files.
+    `remote` sets the timeouts, retries and cache of a remote source (a local one ignores it).
     """
 
     url: str
     storage_options: dict = field(default_factory=dict)
+    remote: RemoteOptions = field(default_factory=RemoteOptions)
 
     @classmethod
-    def of(cls, source: str | Path | ShardSource, storage_options: dict | None = None
-           ) -> ShardSource:
+    def of(cls, source: str | Path | ShardSource, storage_options: dict | None = None,
+           remote: RemoteOptions | None = None) -> ShardSource:
+        """A source from a path or URL; a `ShardSource` as it is, with `remote` if given."""
         if isinstance(source, ShardSource):
-            return source
+            return source if remote is None else dataclasses.replace(source, remote=remote)
         url = str(source)
         if "://" not in url:
             url = str(Path(url).expanduser().resolve())
-        return cls(url.rstrip("/"), dict(storage_options or {}))
+        return cls(url.rstrip("/"), dict(storage_options or {}), remote or RemoteOptions())
 
     @property
     def is_local(self) -> bool:
@@ -94,15 +99,30 @@ class ShardSource:
             raise ValueError(f"{where}: not valid JSON ({e})") from e
         return validate_meta(meta, where)
 
-    def open(self, name: str) -> BinaryIO:
-        """A sequential binary reader for one file under the source."""
+    def open(self, name: str, size: int | None = None) -> BinaryIO:
+        """A sequential binary reader for one file under the source, straight from it.
+
+        Remote reads time out and retry from the byte they reached (`pipeline.remote`);
+        `size`, when known, makes a body that ends early a break to retry.
+        """
         if self.is_local:
             return open(Path(self.url) / name, "rb", buffering=1 << 20)
-        fs, path = fsspec.core.url_to_fs(self.url_of(name), **self.storage_options)
-        # HTTP: a plain streamed GET (block_size=0) so servers without Range support work
-        # and nothing is buffered whole; object stores: a bounded read-ahead block.
-        block = 0 if fs.protocol[0] in ("http", "https") else REMOTE_BLOCK
-        return fs.open(path, "rb", block_size=block)
+        return open_remote(self.url_of(name), self.remote, shard=name, size=size,
+                           storage_options=self.storage_options)
+
+    def open_shard(self, name: str) -> BinaryIO | CachedShard:
+        """A reader for shard `name`: from the cache when one is set, else as `open`."""
+        if self.is_local or self.remote.cache_dir is None:
+            return self.open(name)
+        cache = cache_for(self.remote.cache_dir, self.url, self.remote.cache_limit)
+        if cache.checks is None:  # once per process: what each shard must be
+            cache.checks = shard_checks(self.read_meta())
+        check = cache.checks.get(name)
+        if check is None:
+            raise ShardReadError(name, f"meta.json at {self.url} lists no size and sha256 for "
+                                       "it, so it cannot be cached; re-run `tench shard`")
+        cached = cache.open(name, check, lambda: self.open(name, check.size))
+        return cached if cached is not None else self.open(name, check.size)
 
 
 def iter_samples(f: BinaryIO, shard: str) -> Iterator[RawSample]:
@@ -149,7 +169,7 @@ def read_segment(source: ShardSource, segment: Segment) -> Iterator[RawSample]:
     """
     index = 0
     try:
-        with source.open(segment.shard) as f:
+        with source.open_shard(segment.shard) as f:
             for sample in iter_samples(f, segment.shard):
                 if index >= segment.start:
                     yield sample

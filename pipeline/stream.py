@@ -205,7 +205,7 @@ class ShardStream:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         self.split, self.rank, self.world_size = split, rank, world_size
         self.set_item_tfms(item_tfms, size)
-        self.source = ShardSource.of(source, storage_options)
+        self.source = ShardSource.of(source, storage_options, self.settings.remote())
         self._read_meta(vocab)
         self.epoch = 0
         self._plays = 0  # iterations started; only the latest may run (actors are shared)
