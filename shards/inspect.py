@@ -139,8 +139,10 @@ def read_location_meta(location: str | Path) -> dict:
         with open_file(location, META_NAME) as f:
             data = f.read()
     except FileNotFoundError as e:
-        raise ShardFormatError(f"{where}: {read_failure(e)}; is {location} a folder made by "
-                               "`tench shard`?") from None
+        if http_status(e) in (None, 404):
+            raise ShardFormatError(f"{where}: not found; is {location} a folder made by "
+                                   "`tench shard`?") from None
+        raise ShardFormatError(f"{where}: cannot read ({read_failure(e)})") from None
     except (OSError, HttpError) as e:
         raise ShardFormatError(f"{where}: cannot read ({read_failure(e)})") from None
     try:
