@@ -193,6 +193,11 @@ class ShardReader:
         labels = np.empty(n, np.int64)
         keys: list = [None] * n
         for i, sample in enumerate(chunk):
+            if sample.problem is not None:  # damaged or malformed: never decoded
+                if self.on_error == "fail":
+                    raise ShardReadError(sample.shard, f"sample {sample.key} {sample.problem}")
+                self._skips.append(Skip(sample.shard, f"sample {sample.key}", 1, sample.problem))
+                continue
             try:
                 images[i] = self._load(sample, seed, epoch)
             except DecodeError as e:

@@ -141,7 +141,7 @@ class _HttpBody:
             raise FileNotFoundError(f"{url}: not found (HTTP 404)")
         if status in _RETRY_STATUS:
             self.close()
-            raise TransientError(f"HTTP {status} {self.response.reason}")
+            raise TransientError(f"the server answered HTTP {status} {self.response.reason}")
         if status not in (200, 206):
             self.close()
             raise RemoteReadError(f"{url}: HTTP {status} {self.response.reason}")

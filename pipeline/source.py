@@ -11,7 +11,11 @@ Shards are read front to back (`pipeline.tarstream`, a stream reader like `tarfi
 `r|` mode): nothing is extracted or unpickled, and without a cache nothing is written to
 disk and a segment that ends early stops the download there. A tar cut at a header reads
 as a short, valid archive, so every read is checked against the sample counts in
-`meta.json`; a short shard is a `ShardReadError`.
+`meta.json`; a short shard is a `ShardReadError`. Every sample is checked by
+`shards.format.sample_problem` (its members, and their CRC32s in format 2) before anything
+decodes it; a damaged sample arrives as a `RawSample` with its `problem` set, so the reader
+can fail or skip that sample alone. Shard names are checked to be plain file names before
+anything is opened.
 """
 
 from __future__ import annotations
@@ -25,9 +29,19 @@ from typing import BinaryIO
 
 from pipeline.cache import CachedShard, cache_for, shard_checks
 from pipeline.plan import Segment
-from pipeline.remote import RemoteOptions, open_remote
+from pipeline.remote import RemoteOptions, RemoteReadError, open_remote
 from pipeline.tarstream import TarFormatError, iter_tar
-from shards.format import LABEL_EXT, META_NAME, decode_label, validate_meta
+from shards.format import (
+    IMAGE_EXTS,
+    LABEL_EXT,
+    META_NAME,
+    check_file_name,
+    decode_label,
+    sample_problem,
+    split_member_name,
+    validate_meta,
+)
+from shards.remote import HttpError, http_status
 
 
 class ShardReadError(Exception):
@@ -43,13 +57,18 @@ class ShardReadError(Exception):
 
 @dataclass(frozen=True)
 class RawSample:
-    """One sample as stored: encoded image bytes, their extension, the label index."""
+    """One sample as stored: encoded image bytes, their extension, the label index.
+
+    `problem` says why the sample must not be used (damaged, malformed); then `data` is
+    empty and `label` is -1.
+    """
 
     shard: str
     key: str
     ext: str
     data: bytes
     label: int
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,9 +109,14 @@ class ShardSource:
         try:
             with self.open(META_NAME) as f:
                 text = f.read().decode("utf-8")
-        except FileNotFoundError:
+        except FileNotFoundError as e:
+            status = http_status(e)
+            if status is not None and status != 404:
+                raise OSError(f"{where}: the server answered HTTP {status}") from None
             raise FileNotFoundError(
                 f"{where}: not found; is {self.url} a folder made by `tench shard`?") from None
+        except (HttpError, RemoteReadError) as e:
+            raise OSError(f"{where}: the download failed ({e})") from None
         try:
             meta = json.loads(text)
         except json.JSONDecodeError as e:
@@ -105,6 +129,7 @@ class ShardSource:
         Remote reads time out and retry from the byte they reached (`pipeline.remote`);
         `size`, when known, makes a body that ends early a break to retry.
         """
+        check_file_name(name, f"{self.url}: file")
         if self.is_local:
             return open(Path(self.url) / name, "rb", buffering=1 << 20)
         return open_remote(self.url_of(name), self.remote, shard=name, size=size,
@@ -134,14 +159,14 @@ def iter_samples(f: BinaryIO, shard: str) -> Iterator[RawSample]:
     key, members = None, {}
     try:
         for name, data in iter_tar(f):
-            k, dot, ext = name.rsplit("/", 1)[-1].partition(".")
-            if not dot:
+            k, ext = split_member_name(name)
+            if not ext:
                 continue
             if k != key:
                 if key is not None:
                     yield _sample(shard, key, members)
                 key, members = k, {}
-            members[ext.lower()] = data
+            members[ext] = data
     except TarFormatError as e:
         raise ShardReadError(shard, f"not a readable tar ({e}); re-run `tench shard`") from e
     if key is not None:
@@ -149,16 +174,16 @@ def iter_samples(f: BinaryIO, shard: str) -> Iterator[RawSample]:
 
 
 def _sample(shard: str, key: str, members: dict) -> RawSample:
-    if LABEL_EXT not in members:
-        raise ShardReadError(shard, f"sample {key} has no .{LABEL_EXT} label member")
-    images = [ext for ext in members if ext not in (LABEL_EXT, "json")]
-    if len(images) != 1:
-        raise ShardReadError(shard, f"sample {key} has image members {images}, expected one")
-    try:
-        label = decode_label(members[LABEL_EXT])
-    except ValueError as e:
-        raise ShardReadError(shard, f"sample {key} has a bad label ({e})") from e
-    return RawSample(shard, key, images[0], members[images[0]], label)
+    problem = sample_problem(members)  # checksums first: nothing damaged is decoded
+    if problem is None:
+        try:
+            label = decode_label(members[LABEL_EXT])
+        except ValueError as e:
+            problem = f"has a bad label ({e})"
+    if problem is not None:
+        return RawSample(shard, key, "", b"", -1, problem)
+    ext = next(ext for ext in members if ext in IMAGE_EXTS)
+    return RawSample(shard, key, ext, members[ext], label)
 
 
 def read_segment(source: ShardSource, segment: Segment) -> Iterator[RawSample]:
@@ -179,7 +204,14 @@ def read_segment(source: ShardSource, segment: Segment) -> Iterator[RawSample]:
     except ShardReadError:
         raise
     except FileNotFoundError as e:
+        status = http_status(e)
+        if status is not None and status != 404:
+            raise ShardReadError(segment.shard, f"the server answered HTTP {status} for "
+                                 f"{source.url_of(segment.shard)}") from e
         raise ShardReadError(segment.shard, f"not found under {source.url}") from e
+    except (HttpError, RemoteReadError) as e:
+        raise ShardReadError(segment.shard, f"the download broke off after {index} samples "
+                             f"({e})") from e
     except (OSError, EOFError) as e:
         raise ShardReadError(segment.shard, f"read failed after {index} samples ({e})") from e
     raise ShardReadError(

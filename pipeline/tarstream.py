@@ -58,7 +58,7 @@ def _number(field: bytes) -> int:
     try:
         return int(text, 8) if text else 0
     except ValueError:
-        raise TarFormatError(f"bad number {field!r} in a header (corrupt or not a tar)") from None
+        raise TarFormatError("bad number in a header (corrupt or not a tar)") from None
 
 
 def _check_sum(header: bytes) -> None:

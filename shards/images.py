@@ -139,7 +139,7 @@ def _open(data: bytes) -> Image.Image:
         raise BadImage(BOMB, str(e)) from None
     except UnidentifiedImageError:
         raise BadImage(
-            NOT_IMAGE, f"{len(data)} bytes in no format Pillow reads, starting {data[:8]!r}"
+            NOT_IMAGE, f"{len(data)} bytes in no format Pillow reads"  # never quote content
         ) from None
     except DECODER_ERRORS as e:
         raise BadImage(CORRUPT, str(e)) from None

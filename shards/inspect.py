@@ -2,29 +2,39 @@
 
 Prints the vocab, the images and shards of each split, bytes, the mean/std statistics and
 the skipped files by reason; then reads every shard once, checking its size, sha256 and
-sample count against `meta.json` and that every sample has an image, a label and an info
-member. Any mismatch is named (which shard, what differs) and the exit status is 1.
+sample count against `meta.json` and every sample by the rule the stream applies
+(`shards.format.sample_problem`: its members, and their CRC32s in format 2). Any mismatch
+is named (which shard, which sample, what differs) and the exit status is 1.
+
+OUT is a local folder or a URL (`http(s)://`, or `s3://` with the usual AWS settings),
+read through `shards.remote`; shard names in `meta.json` are refused unless they are plain
+file names, before anything is opened.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 import tarfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from shards.atomic import TMP_SUFFIX
 from shards.format import (
-    IMAGE_EXTS,
-    INFO_EXT,
     LABEL_EXT,
     META_NAME,
     ShardFormatError,
     read_meta,
+    sample_problem,
+    shown,
+    split_member_name,
+    validate_meta,
 )
 from shards.meta import human_bytes, skipped_by_reason
+from shards.remote import HttpError, http_status, is_url, join, open_file, read_failure
 
 SHOWN = 10  # shards and skipped files listed per section unless --all
 READ_BLOCK = 1 << 20
@@ -51,57 +61,103 @@ class _HashingReader:
         return data
 
 
-def check_shard(folder: Path, entry: dict, vocab_size: int) -> ShardCheck:
-    """Read `folder/<entry name>` once: size, sha256, sample count and members of each sample."""
+def check_shard(location: str | Path, entry: dict, vocab_size: int) -> ShardCheck:
+    """Read `location/<entry name>` once: size, sha256, sample count and every sample."""
     name = entry["name"]
-    path = folder / name
+    where = join(location, name)
     problems: list[str] = []
-    if not path.is_file():
-        return ShardCheck(name, [f"{path}: missing (meta.json lists it)"])
-    samples: dict[str, set[str]] = {}
-    with open(path, "rb") as raw:
+    try:
+        raw = open_file(location, name)
+    except FileNotFoundError as e:
+        what = "missing" if http_status(e) in (None, 404) else read_failure(e)
+        return ShardCheck(name, [f"{where}: {what} (meta.json lists it)"])
+    except (OSError, HttpError) as e:
+        return ShardCheck(name, [f"{where}: cannot open ({read_failure(e)})"])
+    count = 0
+    with raw:
         reader = _HashingReader(raw)
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    samples.setdefault(key, set()).add(ext)
-                    if ext == LABEL_EXT:
-                        problems += _label_problem(path, key, tar.extractfile(member), vocab_size)
-        except (tarfile.TarError, EOFError, OSError) as e:
-            problems.append(f"{path}: not a complete tar file ({e})")
-        while reader.read(READ_BLOCK):  # the end-of-archive blocks count in size and hash
-            pass
+                for key, members in _samples(tar):
+                    count += 1
+                    problem = sample_problem(members)
+                    if problem is not None:
+                        problems.append(f"{where}: sample {key} {problem}")
+                    if LABEL_EXT in members:
+                        problems += _label_problem(where, key, members[LABEL_EXT], vocab_size)
+            while reader.read(READ_BLOCK):  # the end-of-archive blocks count in size and hash
+                pass
+        except (tarfile.TarError, EOFError) as e:
+            problems.append(f"{where}: not a complete tar file ({e})")
+        except (OSError, HttpError) as e:
+            problems.append(f"{where}: read failed ({read_failure(e)})")
+            return ShardCheck(name, problems)
     if reader.size != entry["bytes"]:
-        problems.append(f"{path}: {reader.size:,} bytes, meta.json says {entry['bytes']:,}")
+        problems.append(f"{where}: {reader.size:,} bytes, meta.json says {entry['bytes']:,}")
     elif reader.sha.hexdigest() != entry["sha256"]:
         problems.append(
-            f"{path}: sha256 {reader.sha.hexdigest()[:16]}…, meta.json says "
+            f"{where}: sha256 {reader.sha.hexdigest()[:16]}…, meta.json says "
             f"{entry['sha256'][:16]}…"
         )
-    if len(samples) != entry["count"]:
-        problems.append(f"{path}: {len(samples)} samples, meta.json says {entry['count']}")
-    for key, exts in samples.items():
-        images = [e for e in exts if e in IMAGE_EXTS]
-        if len(images) != 1 or LABEL_EXT not in exts or INFO_EXT not in exts:
-            problems.append(f"{path}: sample {key} has members {sorted(exts)}; expected one "
-                            f"image, {LABEL_EXT} and {INFO_EXT}")
-            break
+    if count != entry["count"]:
+        problems.append(f"{where}: {count} samples, meta.json says {entry['count']}")
     return ShardCheck(name, problems)
 
 
-def _label_problem(path: Path, key: str, f, vocab_size: int) -> list[str]:
-    text = f.read().decode("ascii", "replace").strip() if f is not None else ""
+def _samples(tar: tarfile.TarFile):
+    """`(key, {ext: bytes})` per sample: consecutive members sharing a key, as the stream
+    groups them."""
+    key, members = None, {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        k, ext = split_member_name(member.name)
+        if not ext:
+            continue
+        if k != key:
+            if key is not None:
+                yield key, members
+            key, members = k, {}
+        members[ext] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, members
+
+
+def _label_problem(where: str, key: str, data: bytes, vocab_size: int) -> list[str]:
+    text = data.decode("ascii", "replace").strip()
     if not text.isdigit() or int(text) >= vocab_size:
-        return [f"{path}: sample {key} has label {text!r}, not an index below {vocab_size}"]
+        return [f"{where}: sample {key} has label {text!r}, not an index below {vocab_size}"]
     return []
+
+
+def read_location_meta(location: str | Path) -> dict:
+    """`meta.json` of a local folder or a URL, validated (shard names included)."""
+    if not is_url(location):
+        return read_meta(location)
+    where = join(location, META_NAME)
+    try:
+        with open_file(location, META_NAME) as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        if http_status(e) in (None, 404):
+            raise ShardFormatError(f"{where}: not found; is {location} a folder made by "
+                                   "`tench shard`?") from None
+        raise ShardFormatError(f"{where}: cannot read ({read_failure(e)})") from None
+    except (OSError, HttpError) as e:
+        raise ShardFormatError(f"{where}: cannot read ({read_failure(e)})") from None
+    try:
+        meta = json.loads(data)
+    except ValueError as e:
+        raise ShardFormatError(f"{where}: not valid JSON ({e})") from None
+    return validate_meta(meta, where)
 
 
 def inspect_folder(folder: str | Path, *, verify: bool = True, show_all: bool = False,
                    write=print) -> list[str]:
-    """Print the summary of `folder`; return the problems found (empty: all match)."""
-    folder = Path(folder)
-    meta = read_meta(folder)
+    """Print the summary of `folder` (a local folder or a URL); return the problems found
+    (empty: all match)."""
+    folder = str(folder).rstrip("/") if is_url(folder) else Path(folder)
+    meta = read_location_meta(folder)
     vocab = meta["vocab"]
     write(f"{folder}: format {meta['format_version']}, made by "
           f"{meta.get('created_by', '?')}, layout {meta.get('layout', '?')}")
@@ -135,7 +191,7 @@ def inspect_folder(folder: str | Path, *, verify: bool = True, show_all: bool = 
         write("formats: " + ", ".join(f"{k} {v:,}" for k, v in meta["formats"].items()))
     _write_skipped(meta["skipped"], show_all, write)
     listed = {s["name"] for info in meta["splits"].values() for s in info["shards"]}
-    for path in sorted(folder.iterdir()):
+    for path in [] if is_url(folder) else sorted(folder.iterdir()):
         if path.name.endswith(".tar") and path.name not in listed:
             write(f"note: {path.name} is not listed in {META_NAME} (not part of this run)")
         if path.name.startswith(".") and path.name.endswith(TMP_SUFFIX):
@@ -156,7 +212,7 @@ def _write_skipped(skipped: list[dict], show_all: bool, write) -> None:
     kinds = ", ".join(f"{n} {kind}" for kind, n in skipped_by_reason(skipped).items())
     write(f"skipped {len(skipped)} files: {kinds}")
     for entry in skipped if show_all else skipped[:SHOWN]:
-        write(f"  {entry['path']}: {entry['reason']}")
+        write(f"  {shown(entry['path'])}: {entry['reason']}")
     if not show_all and len(skipped) > SHOWN:
         write(f"  … {len(skipped) - SHOWN} more (--all lists them)")
 
@@ -166,11 +222,14 @@ def _floats(values: list[float]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", metavar="OUT", type=Path, help="a folder made by `tench shard`")
+    parser.add_argument("out", metavar="OUT",
+                        help="a folder made by `tench shard`, or its http(s):// or s3:// URL")
     parser.add_argument("--all", action="store_true", dest="show_all",
                         help="list every shard and every skipped file")
     parser.add_argument("--no-verify", action="store_true",
                         help="only read meta.json; do not read the shards")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error, not just its sentence")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -178,6 +237,11 @@ def main(args: argparse.Namespace) -> int:
         problems = inspect_folder(args.out, verify=not args.no_verify, show_all=args.show_all)
     except ShardFormatError as e:
         print(f"tench inspect: {e}", file=sys.stderr)
+        return 2
+    except (OSError, HttpError) as e:  # a folder we may not list, a disk error, a network
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"tench inspect: {args.out}: {read_failure(e)}", file=sys.stderr)
         return 2
     for problem in problems:
         print(f"tench inspect: {problem}", file=sys.stderr)

@@ -8,15 +8,14 @@ but must not rely on.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from shards.atomic import atomic_write_text
-from shards.format import FORMAT_VERSION, META_NAME, SPLITS
+from shards.atomic import atomic_write_bytes
+from shards.format import FORMAT_VERSION, META_NAME, SPLITS, json_bytes
 from shards.images import histogram_stats
 from shards.vocab import Vocab
 from shards.writer import ShardInfo
@@ -55,7 +54,7 @@ def build_meta(
 def write_meta(folder: str | Path, meta: dict) -> Path:
     """Write `folder/meta.json` atomically (temp name, fsync, rename)."""
     path = Path(folder) / META_NAME
-    atomic_write_text(path, json.dumps(meta, ensure_ascii=False, indent=1) + "\n")
+    atomic_write_bytes(path, json_bytes(meta, indent=1) + b"\n")
     return path
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shards.files import relative_path
-from shards.format import TRAIN, VALID, encode_info
+from shards.format import CHECKSUM_SIZE, TRAIN, VALID, encode_info
 from shards.images import file_size
 from shards.vocab import Vocab
 from shards.writer import sample_size
@@ -121,7 +121,7 @@ def _estimated_sample_size(job: Job) -> int:
     """Tar bytes of the sample: exact in copy mode (the image keeps its bytes)."""
     info = encode_info(job.rel, job.label)
     label = str(job.label_index).encode()
-    return member_bytes(job.size) + sample_size(label, info)
+    return member_bytes(job.size) + sample_size(label, info) + member_bytes(CHECKSUM_SIZE)
 
 
 def member_bytes(size: int) -> int:

@@ -30,7 +30,7 @@ from typing import Any
 from shards.atomic import TMP_SUFFIX
 from shards.format import META_NAME, SPLITS, TRAIN, VALID, shard_name
 from shards.images import pixel_limit
-from shards.meta import build_meta, summary_lines, write_meta
+from shards.meta import build_meta, human_bytes, summary_lines, write_meta
 from shards.shard_plan import (
     STATS_IMAGES,
     Labelled,
@@ -41,7 +41,7 @@ from shards.shard_plan import (
     shard_bytes,
     spread_stats_sample,
 )
-from shards.workers import ShardResult, run_tasks
+from shards.workers import ShardResult, ShardWriteError, run_tasks
 
 ON_ERROR = ("skip", "fail")
 _OWN_FILE = re.compile(rf"^(({'|'.join(SPLITS)})-\d{{6}}\.tar|{re.escape(META_NAME)})$")
@@ -174,10 +174,18 @@ def write_shards(
             bar.add(sizes[(result.split, result.index)])
         bar.close()
         syncer.wait()
-    except BaseException:
+    except BaseException as e:
         syncer.stop()
         for task in tasks:  # the pool has stopped: no process can still be writing
             (out / shard_name(task.split, task.index)).unlink(missing_ok=True)
+        if isinstance(e, (ShardWriteError, OSError)):  # a full disk: say what is left
+            finished = [r.shard for r in results if r.shard]
+            done = sum(shard.bytes for shard in finished)
+            what = str(e) if isinstance(e, ShardError) else f"{out}: {e.strerror or e}"
+            raise ShardError(
+                f"{what}; removed the {len(finished)} shards finished before it "
+                f"({human_bytes(done)}) and the temporary files: nothing in OUT looks "
+                f"complete (no {META_NAME}); free space and re-run with --force") from e
         raise
     return sorted(results, key=lambda r: (SPLITS.index(r.split), r.index))
 
@@ -241,7 +249,14 @@ def shard_data(
                  "max_pixels": pixel_limit(max_pixels)},
         reencoded=sum(r.reencoded for r in results), formats=dict(sorted(formats.items())),
     )  # fmt: skip
-    write_meta(out, meta)
+    try:
+        write_meta(out, meta)
+    except OSError as e:  # the temporary meta.json is gone; the shards are useless without it
+        for info in (info for infos in shards.values() for info in infos):
+            (out / info.name).unlink(missing_ok=True)
+        raise ShardError(f"{out / META_NAME}: cannot write ({e.strerror or e}); removed the "
+                         "shards of this run, nothing in OUT looks complete; free space and "
+                         "re-run with --force") from e
     if progress:
         for line in summary_lines(meta, time.perf_counter() - start):
             print(line)

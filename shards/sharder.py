@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or stop the run")  # fmt: skip
     parser.add_argument("--force", action="store_true",
                         help="replace an earlier run's shards in OUT (and its leftover temp files)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error, not just its sentence")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -248,7 +251,9 @@ def main(args: argparse.Namespace) -> int:
             max_count=args.max_count, max_size=args.max_size, processes=args.processes,
             on_error=args.on_error, force=args.force, max_pixels=args.max_pixels,
         )  # fmt: skip
-    except ShardError as e:
+    except (ShardError, OSError) as e:  # OSError: one no check foresaw (a disk error, ...)
+        if getattr(args, "debug", False):
+            traceback.print_exc()
         print(f"tench shard: {e}", file=sys.stderr)
         return 1
     return 0

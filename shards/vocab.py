@@ -16,7 +16,7 @@ from pathlib import Path
 def vocab_fingerprint(names: Sequence[str]) -> str:
     """sha256 of the names in index order, as canonical JSON."""
     data = json.dumps(list(names), ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(data.encode("utf-8")).hexdigest()
+    return hashlib.sha256(data.encode("utf-8", "surrogateescape")).hexdigest()  # bytes names too
 
 
 class UnknownLabelError(KeyError):

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.format import encode_info, sample_key
+from shards.format import encode_info, sample_key, shard_name
 from shards.images import BadImage, check_file
-from shards.shard_plan import ShardTask
+from shards.shard_plan import ShardError, ShardTask
 from shards.writer import ShardInfo, ShardWriter
 
 IN_FLIGHT_PER_PROCESS = 2  # shard tasks submitted per process: the next one is always ready
@@ -59,32 +59,55 @@ def write_shard(
     whose sharder has been killed (`parent_pid` gone) drops its shard and exits.
     """
     result = ShardResult(task.split, task.index)
-    with ShardWriter(out, task.split, sys.maxsize, start_index=task.index,
-                     sync=False) as writer:  # `write_shards` fsyncs it, in the background
-        for job in task.jobs:
-            if parent_pid is not None and not _alive(parent_pid):
-                writer.abort()  # drop the temporary file, then stop this orphaned worker
-                os._exit(1)
-            try:
-                path = os.path.join(src, job.rel)
-                image = check_file(path, max_pixels=max_pixels, max_size=max_size,
-                                   want_histogram=result.stats_images < task.stats_images)
-            except BadImage as e:
-                if stop_at_error:
-                    result.failure = f"{path}: {e}"
-                    writer.abort()
-                    break
-                result.skipped.append({"path": job.rel, "reason": str(e)})
-                continue
-            writer.write(sample_key(job.rel), image.ext, image.data, job.label_index,
-                         encode_info(job.rel, job.label))
-            result.formats[image.ext] += 1
-            result.reencoded += image.reencoded
-            if image.histogram is not None:
-                result.histogram += image.histogram
-                result.stats_images += 1
+    writer = ShardWriter(out, task.split, sys.maxsize, start_index=task.index,
+                         sync=False)  # `write_shards` fsyncs it, in the background
+    try:
+        _write_jobs(writer, task, result, src=src, max_pixels=max_pixels, max_size=max_size,
+                    stop_at_error=stop_at_error, parent_pid=parent_pid)
+        writer.close()
+    except OSError as e:  # writing (reading a source file is a BadImage): a full disk, ...
+        path, written = writer.in_progress
+        writer.abort()
+        raise ShardWriteError(
+            f"{path or out}: cannot write ({e.strerror or e}) after {written:,} bytes of "
+            f"{shard_name(task.split, task.index)}") from None
+    except BaseException:
+        writer.abort()
+        raise
     result.shard = writer.shards[0] if writer.shards else None
     return result
+
+
+class ShardWriteError(ShardError):
+    """Writing a shard failed (a full disk, a lost mount); the message names the file."""
+
+
+def _write_jobs(
+    writer: ShardWriter, task: ShardTask, result: ShardResult, *, src: Path,
+    max_pixels: int | None, max_size: int | None, stop_at_error: bool, parent_pid: int | None,
+) -> None:  # fmt: skip
+    for job in task.jobs:
+        if parent_pid is not None and not _alive(parent_pid):
+            writer.abort()  # drop the temporary file, then stop this orphaned worker
+            os._exit(1)
+        try:
+            path = os.path.join(src, job.rel)
+            image = check_file(path, max_pixels=max_pixels, max_size=max_size,
+                               want_histogram=result.stats_images < task.stats_images)
+        except BadImage as e:
+            if stop_at_error:
+                result.failure = f"{path}: {e}"
+                writer.abort()
+                break
+            result.skipped.append({"path": job.rel, "reason": str(e)})
+            continue
+        writer.write(sample_key(job.rel), image.ext, image.data, job.label_index,
+                     encode_info(job.rel, job.label))
+        result.formats[image.ext] += 1
+        result.reencoded += image.reencoded
+        if image.histogram is not None:
+            result.histogram += image.histogram
+            result.stats_images += 1
 
 
 def worker_context() -> multiprocessing.context.BaseContext:

@@ -8,6 +8,7 @@ byte size and sha256 that `meta.json` records.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -78,10 +79,21 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:  # e.g. a full disk while writing the end of the shard
+            self.abort()
+            raise
+
+    @property
+    def in_progress(self) -> tuple[Path | None, int]:
+        """The temporary file being written (None between shards) and its bytes so far."""
+        if self._tar is None:
+            return None, 0
+        return Path(self._tmp), self._hash.size
 
     def write(self, key: str, ext: str, image: bytes, label_index: int, info: bytes) -> None:
         members = sample_members(key, ext, image, label_index, info)
@@ -104,7 +116,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the shard in progress (its temporary file), keeping finished ones."""
         if self._tar is not None:
-            self._raw.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails on a full disk
+                self._raw.close()
             self._tar = None
             Path(self._tmp).unlink(missing_ok=True)
 

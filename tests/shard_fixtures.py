@@ -80,7 +80,7 @@ def make_shards(folder: str | Path, counts: dict | None = None, *, image_size=(4
                 pixel_count += len(flat)
         # cap by bytes so every shard holds about `samples_per_shard` samples
         biggest = max((len(data) for _, _, data, _, _ in images), default=0)
-        max_bytes = samples_per_shard * (biggest + 3 * 512 + 3 * 512)
+        max_bytes = samples_per_shard * (biggest + 4 * 512 + 4 * 512)  # four members each
         with ShardWriter(folder, split, max_bytes=max_bytes) as writer:
             for key, ext, data, index, rel in images:
                 writer.write(key, ext, data, index, encode_info(rel, vocab.decode(index)))
@@ -111,7 +111,13 @@ def truncate_shard(folder: str | Path, name: str, keep_fraction: float = 0.5,
         cut = int(len(data) * keep_fraction) + 100
     else:
         with tarfile.open(path) as tar:
-            cut = tar.getmembers()[3 * at_sample].offset  # three members per sample
+            firsts, keys = [], set()  # the first member of each sample
+            for member in tar.getmembers():
+                key = member.name.split(".", 1)[0]
+                if key not in keys:
+                    keys.add(key)
+                    firsts.append(member)
+            cut = firsts[at_sample].offset
     path.write_bytes(data[:cut])
 
 

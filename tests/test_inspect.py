@@ -50,15 +50,20 @@ def test_summary_shows_vocab_splits_shards_stats_and_skipped(out, capsys):
     assert "sizes, sha256, counts and members match" in text
 
 
-def test_a_changed_byte_is_a_sha256_mismatch(out, capsys):
+def test_a_changed_byte_is_a_sha256_mismatch_and_names_the_damaged_sample(out, capsys):
     path = out / "train-000001.tar"
+    with tarfile.open(path) as tar:
+        first = tar.getmembers()[0]  # the first sample's image
     data = bytearray(path.read_bytes())
     data[700] ^= 0xFF  # inside the first image: the tar still reads
     path.write_bytes(bytes(data))
     lines, problems = _inspect(out)
     stored = _meta(out)["splits"]["train"]["shards"][1]["sha256"]
-    assert len(problems) == 1 and problems[0].startswith(f"{path}: sha256 ")
-    assert problems[0].endswith(f"meta.json says {stored[:16]}…")
+    key, ext = first.name.split(".")
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{path}: sample {key} .{ext} member is damaged (crc32 ")
+    assert problems[1].startswith(f"{path}: sha256 ")
+    assert problems[1].endswith(f"meta.json says {stored[:16]}…")
     assert any("train-000001.tar" in line and "MISMATCH" in line for line in lines)
     assert cli_main(["inspect", str(out)]) == 1
     err = capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,9 @@ def read_shards(out: Path) -> dict[str, dict]:
                 key = sample["__key__"]
                 assert key not in by_wds, f"{key} appears twice"
                 (ext,) = [k for k in sample if k not in ("__key__", "__url__", "cls", "json",
-                                                          "__local_path__")]
+                                                          "crc32", "__local_path__")]
+                sums = json.loads(sample["crc32"])  # format 2: each member's CRC32, checked
+                assert sums == {e: f"{zlib.crc32(sample[e]):08x}" for e in (ext, "cls", "json")}
                 by_wds[key] = {"split": split, "shard": shard["name"], "ext": ext,
                                "image": sample[ext], "label": decode_label(sample["cls"]),
                                "info": json.loads(sample["json"])}
@@ -84,6 +87,8 @@ def read_shards(out: Path) -> dict[str, dict]:
                         entry["label"] = decode_label(data)
                     elif ext == "json":
                         entry["info"] = json.loads(data)
+                    elif ext == "crc32":
+                        continue
                     else:
                         assert "ext" not in entry, f"{key} has two images"
                         entry["ext"], entry["image"] = ext, data

@@ -42,7 +42,7 @@ def test_rolls_shards_and_reads_back_with_webdataset_and_tarfile(tmp_path):
     for s in shards:
         with tarfile.open(tmp_path / s.name) as tar:
             names += tar.getnames()
-    assert len(names) == 75 and len(set(names)) == 75
+    assert len(names) == 100 and len(set(names)) == 100  # image, cls, json, crc32 each
 
 
 def test_abort_leaves_no_partial_shard(tmp_path):
