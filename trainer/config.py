@@ -21,7 +21,7 @@ RENAMED_FIELDS = {"bs": "batch_size", "workers": "actors"}
 
 # Settings that may change when a run is resumed: they do not change what is computed
 # (epochs is checked separately: it must stay the same for the schedule to line up).
-RUNTIME_FIELDS = frozenset({"address", "device", "resume", "force"})
+RUNTIME_FIELDS = frozenset({"address", "device", "resume", "force", "cache_dir", "cache_limit"})
 
 
 class FitError(RuntimeError):
@@ -52,6 +52,8 @@ class FitConfig:
     force: bool = False
     address: str | None = None
     device: str | None = None  # None: CUDA when present, else CPU
+    cache_dir: str | None = None  # remote shards: download each once to this folder
+    cache_limit: str = "50GB"  # the cache's size bound (bytes, or "50GB", "512MiB", ...)
 
     def __post_init__(self) -> None:
         problems = []
@@ -82,7 +84,8 @@ class FitConfig:
 
     def stream_settings(self) -> StreamSettings:
         """How this run's streams batch and order their data (both splits, every rank)."""
-        return StreamSettings(batch_size=self.batch_size, seed=self.seed, num_actors=self.actors)
+        return StreamSettings(batch_size=self.batch_size, seed=self.seed, num_actors=self.actors,
+                              cache_dir=self.cache_dir, cache_limit=self.cache_limit)
 
     def replace(self, **changes: Any) -> FitConfig:
         return dataclasses.replace(self, **changes)

@@ -135,6 +135,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MixUp with Beta(ALPHA, ALPHA) (default off)")
     parser.add_argument("--label-smoothing", type=float, default=s, metavar="EPS",
                         help="label-smoothing cross-entropy (default off)")
+    parser.add_argument("--cache-dir", default=s, metavar="DIR",
+                        help="remote shards (http/s3): download each once to DIR, read it there")
+    parser.add_argument("--cache-limit", default=s, metavar="SIZE",
+                        help=f"bound on the cache's size (default {d.cache_limit})")
     parser.add_argument("--actors", type=int, default=s, metavar="N",
                         help="Ray actors that read, decode and augment each stream "
                              f"(default {d.actors})")
