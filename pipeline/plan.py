@@ -17,6 +17,9 @@ order, then:
 
 A `Segment` is a run of samples `[start, stop)` inside one shard; an actor streams its
 segments in order and skips nothing it does not have to read.
+
+`plan_samples` applies the same rules to any sequence of segments: a resumed epoch
+(`pipeline.resume`) plans what is left of it (`without` the samples already handed out).
 """
 
 from __future__ import annotations

@@ -166,7 +166,8 @@ class ShardStream:
     `len(stream)` is the exact number of batches per epoch (the same on every rank). Each
     iteration plays epoch `stream.epoch` and then advances it; `set_epoch(e)` picks one.
     The order depends on `(seed, epoch, num_actors, world_size, rank)` only, and an item's
-    random augmentation on `(seed, epoch, key)` only.
+    random augmentation on `(seed, epoch, key)` only. `state_dict()`/`load_state_dict()`
+    resume mid-epoch, on the same or another world size (`pipeline.resume`).
 
     - `source`: a folder, `file://`, `http(s)://` or `s3://...` URL holding `meta.json`;
       `storage_options` go to fsspec, e.g. an S3-compatible store:
@@ -299,9 +300,7 @@ class ShardStream:
 
     def set_epoch(self, epoch: int) -> None:
         """Play `epoch` next: the shard order, shuffle buffer and item randomness follow it.
-
-        The epoch a loaded state stopped in is played from where it stopped.
-        """
+        A loaded state's epoch goes on from where it stopped."""
         self.epoch = int(epoch)
         self._now = None
         if self._pending is not None and self._pending.epoch != self.epoch:
