@@ -16,7 +16,14 @@ from pipeline.plan import (
     slice_segments,
     take_positions,
 )
-from pipeline.resume import Position, handed_out, plan_at, resume, state_of
+from pipeline.resume import (
+    Position,
+    handed_out,
+    plan_at,
+    resume,
+    shards_fingerprint,
+    state_of,
+)
 
 SHARDS = [ShardEntry(f"train-{i:06d}.tar", c) for i, c in enumerate([7, 5, 9, 1, 8, 3])]
 TOTAL = 33
@@ -251,3 +258,11 @@ def test_incomplete_or_mixed_states_are_refused():
         resume({**states[0], "batches": 12}, SHARDS, setup_of(0, 2))
     with pytest.raises(ValueError, match="does not have"):
         resume({**states[0], "rest": [["train-000000.tar", 3, 9]]}, SHARDS, setup_of(0, 2))
+
+
+def test_the_shards_fingerprint_follows_vocab_names_and_counts():
+    fp = shards_fingerprint("v", SHARDS)
+    assert fp == shards_fingerprint("v", list(reversed(SHARDS))[::-1])
+    assert fp != shards_fingerprint("w", SHARDS)
+    assert fp != shards_fingerprint("v", [*SHARDS[:-1], ShardEntry(SHARDS[-1].name, 4)])
+    assert fp != shards_fingerprint("v", SHARDS[:-1])
