@@ -17,11 +17,14 @@ order, then:
 
 A `Segment` is a run of samples `[start, stop)` inside one shard; an actor streams its
 segments in order and skips nothing it does not have to read.
+
+`plan_samples` applies the same rules to any sequence of segments: a resumed epoch
+(`pipeline.resume`) plans what is left of it (`without` the samples already handed out).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,20 +130,27 @@ def num_batches(samples: int, batch_size: int, drop_last: bool) -> int:
     return samples // batch_size if drop_last else -(-samples // batch_size)
 
 
-def take_positions(ordered: Sequence[ShardEntry], lo: int, hi: int) -> list[Segment]:
-    """Segments covering positions `[lo, hi)` of the concatenated shards, wrapping past the end."""
-    total = sum(e.count for e in ordered)
+def whole_shards(shards: Sequence[ShardEntry]) -> list[Segment]:
+    """Each shard as one segment of all its samples."""
+    return [Segment(e.name, 0, e.count) for e in shards]
+
+
+def take_positions(ordered: Sequence[ShardEntry | Segment], lo: int, hi: int) -> list[Segment]:
+    """Segments covering positions `[lo, hi)` of the concatenated shards (or segments),
+    wrapping past the end."""
+    segs = [s if isinstance(s, Segment) else Segment(s.name, 0, s.count) for s in ordered]
+    total = sum(len(s) for s in segs)
     if total == 0:
         raise ValueError("no samples to plan: every shard is empty")
-    starts = np.cumsum([0] + [e.count for e in ordered])
+    starts = np.cumsum([0] + [len(s) for s in segs])
     segments: list[Segment] = []
     pos = lo
     while pos < hi:
         q = pos % total
-        i = int(np.searchsorted(starts, q, side="right")) - 1  # shard holding position q
+        i = int(np.searchsorted(starts, q, side="right")) - 1  # segment holding position q
         start = q - int(starts[i])
-        stop = min(ordered[i].count, start + (hi - pos))
-        segments.append(Segment(ordered[i].name, start, stop))
+        stop = min(len(segs[i]), start + (hi - pos))
+        segments.append(Segment(segs[i].shard, segs[i].start + start, segs[i].start + stop))
         pos += stop - start
     return _merge(segments)
 
@@ -167,20 +177,49 @@ def _merge(segments: list[Segment]) -> list[Segment]:
     return out
 
 
+def without(samples: Sequence[Segment], taken: Mapping[str, np.ndarray]) -> list[Segment]:
+    """`samples` less the sample indices in `taken` (shard name -> indices), order kept.
+
+    What is left of an epoch after some of it was consumed: runs of untouched samples.
+    """
+    out: list[Segment] = []
+    for seg in samples:
+        keep = np.ones(len(seg), np.int8)
+        idx = np.asarray(taken.get(seg.shard, ()), np.int64)
+        keep[idx[(idx >= seg.start) & (idx < seg.stop)] - seg.start] = 0
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], keep, [0]])))
+        out += [Segment(seg.shard, seg.start + int(a), seg.start + int(b))
+                for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    return _merge(out)
+
+
 def plan_epoch(shards: Sequence[ShardEntry], *, batch_size: int, num_actors: int,
                shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
                drop_last: bool = False) -> EpochPlan:
     """Plan one rank's epoch: its part of the split, cut into batches, spread over actors."""
+    ordered = shard_order(shards, shuffle=shuffle, seed=seed, epoch=epoch)
+    return plan_samples(whole_shards(ordered), batch_size=batch_size, num_actors=num_actors,
+                        shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
+                        world_size=world_size, drop_last=drop_last)
+
+
+def plan_samples(samples: Sequence[Segment], *, batch_size: int, num_actors: int,
+                 shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False) -> EpochPlan:
+    """Plan one rank's part of `samples` (in epoch order), cut into batches, over actors.
+
+    `plan_epoch` gives it the whole split; a resumed epoch gives it only what is left, and
+    the same rules (equal ranks, wrap or drop, contiguous actor runs) apply to that.
+    """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if batch_size < 1 or num_actors < 1:
         raise ValueError(f"batch_size ({batch_size}) and num_actors ({num_actors}) must be >= 1")
-    ordered = shard_order(shards, shuffle=shuffle, seed=seed, epoch=epoch)
-    total = sum(e.count for e in ordered)
+    total = sum(len(s) for s in samples)
     per_rank = samples_per_rank(total, world_size, drop_last)
     nb = num_batches(per_rank, batch_size, drop_last)
     used = per_rank if not drop_last else nb * batch_size
-    mine = take_positions(ordered, rank * per_rank, rank * per_rank + used) if used else []
+    mine = take_positions(samples, rank * per_rank, rank * per_rank + used) if used else []
     tasks = []
     for a in range(num_actors):
         b0, b1 = a * nb // num_actors, (a + 1) * nb // num_actors

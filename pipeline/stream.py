@@ -24,7 +24,7 @@ import logging
 import os
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from pipeline.plan import (
     samples_per_rank,
     shard_entries,
 )
+from pipeline.resume import Position, plan_at, resume, shards_fingerprint, state_of
 from pipeline.settings import StreamSettings
 from pipeline.source import ShardReadError, ShardSource
 from pipeline.transforms import item_chain
@@ -94,10 +95,10 @@ class _ActorFeed:
     """The driver's side of one actor for one epoch: requests in flight, replay after a crash."""
 
     def __init__(self, actor, task: ActorTask, item_tfm: Callable, prefetch: int,
-                 per_call: int, max_restarts: int):
+                 per_call: int, max_restarts: int, first_batch: int = 0):
         self.actor, self.task, self.item_tfm = actor, task, item_tfm
         self.prefetch, self.per_call, self.restarts_left = prefetch, per_call, max_restarts
-        self.start(0)
+        self.start(first_batch)
 
     def start(self, first_batch: int) -> None:
         self.token = uuid.uuid4().hex
@@ -165,7 +166,8 @@ class ShardStream:
     `len(stream)` is the exact number of batches per epoch (the same on every rank). Each
     iteration plays epoch `stream.epoch` and then advances it; `set_epoch(e)` picks one.
     The order depends on `(seed, epoch, num_actors, world_size, rank)` only, and an item's
-    random augmentation on `(seed, epoch, key)` only.
+    random augmentation on `(seed, epoch, key)` only. `state_dict()`/`load_state_dict()`
+    resume mid-epoch, on the same or another world size (`pipeline.resume`).
 
     - `source`: a folder, `file://`, `http(s)://` or `s3://...` URL holding `meta.json`;
       `storage_options` go to fsspec, e.g. an S3-compatible store:
@@ -211,6 +213,8 @@ class ShardStream:
         self._plays = 0  # iterations started; only the latest may run (actors are shared)
         self.skips: list[Skip] = []  # what the last epoch skipped (on_error="skip")
         self.padded = 0  # slots the last epoch refilled with repeats after skips
+        self._pending: Position | None = None  # a loaded state: where the next play starts
+        self._now: Position | None = None  # the running play: batches handed out so far
         self._check_not_empty()
         self.started_ray = ensure_ray(address)
         wanted = self.settings.num_actors
@@ -295,8 +299,33 @@ class ShardStream:
         return sum(s.count for s in self.skips)
 
     def set_epoch(self, epoch: int) -> None:
-        """Play `epoch` next: the shard order, shuffle buffer and item randomness follow it."""
+        """Play `epoch` next: the shard order, shuffle buffer and item randomness follow it.
+        A loaded state's epoch goes on from where it stopped."""
         self.epoch = int(epoch)
+        self._now = None
+        if self._pending is not None and self._pending.epoch != self.epoch:
+            self._pending = None
+
+    def state_dict(self) -> dict:
+        """Where this rank stands: a small JSON-able dict for `load_state_dict`.
+
+        Mid-epoch it counts the batches handed out by the iteration (not those prefetched);
+        between epochs it names the next one.
+        """
+        return state_of(self._setup(), self._now or self._pending or Position(self.epoch))
+
+    def load_state_dict(self, state: dict | Sequence[dict]) -> None:
+        """Go on from a `state_dict()`: the next iteration yields the rest of its epoch.
+
+        With this rank's state from the same layout (world size, actors, shuffle buffer,
+        drop_last), exactly the batches an uninterrupted run would have yielded. With the
+        list of every rank's state from another layout, this rank's part of what no old rank
+        was handed (`pipeline.resume`). States from other shards, seed, split or batch size
+        are refused.
+        """
+        at = resume(state, self.shards, self._setup())
+        self.epoch, self._now = at.epoch, None
+        self._pending = at if at.batches or at.rest is not None else None
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """This rank's plan for `epoch` (default: the next one)."""
@@ -309,9 +338,10 @@ class ShardStream:
         if self._actors is None:
             raise RuntimeError("this ShardStream is closed")
         epoch, self.epoch = self.epoch, self.epoch + 1
+        self._now, self._pending = self._pending or Position(epoch), None
         self._plays += 1
         # the chain and call size are fixed now, not when the first batch is asked for
-        return self._play(epoch, self._plays, self.item_tfm, self.batches_per_call)
+        return self._play(self._now, self._plays, self.item_tfm, self.batches_per_call)
 
     def close(self) -> None:
         """Stop this stream's actors. Ray itself stays up: other streams may share it."""
@@ -360,15 +390,26 @@ class ShardStream:
                     self.source, self.settings.on_error, self.settings.shuffle_buffer)
                 for i in range(self.num_actors)]
 
-    def _play(self, epoch: int, play: int, item_tfm: Callable, per_call: int
+    def _setup(self) -> dict:
+        """What this rank's plans are a function of (with the epoch), as a state records it."""
+        shuffle = self.settings.shuffles(self.split)
+        return {"split": self.split, "seed": self.settings.seed, "batch_size": self.batch_size,
+                "shards": shards_fingerprint(self.vocab.fingerprint, self.shards),
+                "rank": self.rank, "world_size": self.world_size, "num_actors": self.num_actors,
+                "shuffle": shuffle, "shuffle_buffer": self.settings.shuffle_buffer * shuffle,
+                "drop_last": self.drop_last}
+
+    def _play(self, at: Position, play: int, item_tfm: Callable, per_call: int
               ) -> Iterator[Batch]:
-        plan = self.plan(epoch)
+        plan = plan_at(self.shards, self._setup(), at)
+        order = plan.delivery_order()
+        done = Counter(actor for actor, _ in order[:at.batches])  # before a loaded state
         self.skips, self.padded = [], 0
         seen: set = set()
         feeds = {t.actor: _ActorFeed(self._actors[t.actor], t, item_tfm, self.settings.prefetch,
-                                     per_call, self.settings.max_restarts)
-                 for t in plan.tasks if t.num_batches}
-        for actor, index in plan.delivery_order():
+                                     per_call, self.settings.max_restarts, done[t.actor])
+                 for t in plan.tasks if t.num_batches > done[t.actor]}
+        for actor, index in order[at.batches:]:
             if play != self._plays:
                 raise RuntimeError("a newer iteration of this ShardStream started; its actors "
                                    "serve one epoch at a time, so this one cannot go on")
@@ -381,10 +422,13 @@ class ShardStream:
             self.padded += data.padded
             batch = to_batch(data)
             del data  # the object-store copy is no longer needed
+            at.batches += 1  # handed out once yielded
             yield batch
+        if play == self._plays and self._now is at:
+            self._now = None  # the epoch is over: a state now names the next one
         if self.skips:
             log.warning("epoch %d of %s skipped %d samples in %d places (%d batch slots "
-                        "refilled with repeats)", epoch, self.source.url, self.skipped,
+                        "refilled with repeats)", at.epoch, self.source.url, self.skipped,
                         len(self.skips), self.padded)
 
 
