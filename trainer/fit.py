@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.plan import samples_per_rank
+from pipeline.ray_setup import RayJoinError
 from pipeline.source import ShardSource
 from pipeline.stream import ShardStream
 from shards.atomic import atomic_open, atomic_write_text
@@ -341,7 +342,7 @@ def main(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"tench fit: training diverged: {e}", file=sys.stderr)
         return 1
-    except (FitError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (FitError, CheckpointError, RayJoinError, ValueError, FileNotFoundError) as e:
         print(f"tench fit: {e}", file=sys.stderr)
         return 2
     accuracy = summary["accuracy"]
