@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -106,19 +107,28 @@ class RayStartCluster:
 
     def stop(self) -> None:
         """SIGTERM the whole group (ray start shuts its processes down), then SIGKILL."""
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                try:
-                    os.killpg(self.proc.pid, 0)
-                except ProcessLookupError:
+        try:
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+                if not self._signal_and_wait(sig, wait):
                     return
-                self.proc.poll()
-                time.sleep(0.5)
+        finally:
+            shutil.rmtree(self.temp, ignore_errors=True)
+
+    def _signal_and_wait(self, sig: int, wait: float) -> bool:
+        """Send `sig` to the group; True if some of it is still alive after `wait` s."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            return False
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            self.proc.poll()  # reap ray start itself
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return False
+            time.sleep(0.5)
+        return True
 
 
 @pytest.fixture(scope="module")
