@@ -64,7 +64,7 @@ def use_ray_thread_count() -> None:
     """Give torch the thread count Ray chose for this worker (`OMP_NUM_THREADS`).
 
     Ray sets it to the task's or actor's CPUs (1 by default), but torch reads it only when
-    it is imported, which a worker that preloaded torch (`pipeline.stream.PRELOAD_MODULES`)
+    it is imported, which a worker that preloaded torch (`pipeline.ray_setup.PRELOAD_MODULES`)
     did before Ray set it: two threads per actor with an actor per core made the stream 5x
     slower. Unset (a plain process using `ShardReader` directly): torch is left alone.
     """

@@ -21,7 +21,6 @@ sample once, in the same order as without the fault.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from collections import Counter, deque
@@ -43,6 +42,7 @@ from pipeline.plan import (
     samples_per_rank,
     shard_entries,
 )
+from pipeline.ray_setup import ensure_ray
 from pipeline.resume import Position, plan_at, resume, shards_fingerprint, state_of
 from pipeline.settings import StreamSettings
 from pipeline.source import ShardReadError, ShardSource
@@ -52,31 +52,6 @@ from shards.vocab import Vocab
 log = logging.getLogger(__name__)
 
 RESTART_WAIT_S = 60.0  # how long to wait for Ray to bring a crashed actor back
-# Imported by every Ray worker process as it starts, before it takes work, when tench starts
-# Ray: the pool Ray prestarts at `ray.init` then already holds torch + torchvision (2-3 s
-# of imports on a small machine), and a stream's actors start on those warm processes.
-# Measured here: first batch 0.5 s after Ray is up instead of 2.9 s.
-PRELOAD_MODULES = ("pipeline.actors",)
-
-
-def ensure_ray(address: str | None = None) -> bool:
-    """Start Ray in this process, or join the cluster at `address`; True if we started it.
-
-    An already running Ray (a test fixture, Ray Train, the user) is used as it is. A Ray
-    started here has its workers import `PRELOAD_MODULES` as they start.
-    """
-    if ray.is_initialized():
-        return False
-    if address is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        # address="local": a new Ray here, even when a `ray start` cluster runs on this
-        # machine (address=None would join that one and then refuse num_cpus).
-        ray.init(address="local", num_cpus=cpus or os.cpu_count(), include_dashboard=False,
-                 configure_logging=False,
-                 _system_config={"preload_python_modules": list(PRELOAD_MODULES)})
-    else:  # "auto", "ray://host:10001" or a GCS "host:6379": join, do not reconfigure
-        ray.init(address=address, configure_logging=False)
-    return True
 
 
 def to_batch(data: BatchData) -> Batch:

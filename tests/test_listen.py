@@ -1,14 +1,12 @@
-"""What a local run listens on: tench itself opens no server; Ray's are listed exactly.
+"""What a local run listens on: Ray's servers on 127.0.0.1 only, tench none of its own.
 
 A local `ShardStream` (which starts Ray in-process as `tench fit` does) plays an epoch in a
-fresh process; then every listening socket of that process tree is collected. tench opens
-no listening socket of its own (shards are read with client connections), and Ray's
-dashboard is off. Ray 2.60 itself cannot be held to loopback from `ray.init`:
-`_node_ip_address="127.0.0.1"` is rewritten to the machine's reachable IP
-(`ray._private.services.resolve_ip_for_localhost`), and its gRPC servers (GCS, raylet,
-each worker's core worker, the dashboard/runtime-env agents) listen on that IP or on all
-interfaces. So the test pins the exact set of processes allowed a non-loopback listener,
-and the README tells users to keep Ray's ports behind a firewall / security group.
+fresh process; then every listening socket of that process tree is collected: the driver's
+core worker, the GCS, the raylet (node manager and object manager), every worker and actor,
+the dashboard agent (gRPC, HTTP and metrics export) and the runtime-env agent. All must be
+on loopback: tench starts Ray in its single-machine mode (`pipeline/ray_setup.py`), whose
+node address is 127.0.0.1, and no dashboard or Ray Client server is started at all. There
+is no exception to list; a Ray upgrade that binds anything wider fails here.
 """
 
 from __future__ import annotations
@@ -43,19 +41,10 @@ with ShardStream(sys.argv[1], "train", batch_size=8, size=16, num_actors=2) as s
 print("RESULT " + json.dumps({"samples": n, "listeners": found}))
 """
 
-LOOPBACK = {"127.0.0.1", "::1"}
-RAY_SERVER_NAMES = {"gcs_server", "raylet"}  # Ray's C++ servers
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}  # the last: IPv4 loopback on a v6 socket
 
 
-def is_ray_process(listener: dict) -> bool:
-    """A process Ray started: its servers, its workers/agents (`ray::...`), its Python
-    daemons (run from Ray's package folder), or the driver's own Ray core worker."""
-    name, cmd = listener["name"], listener["cmd"]
-    return (name in RAY_SERVER_NAMES or name.startswith("ray::") or listener["driver"]
-            or "site-packages/ray/" in cmd or cmd.startswith("ray::"))
-
-
-def test_a_local_run_opens_no_listener_of_its_own_and_no_dashboard(tmp_path):
+def test_a_local_run_listens_on_loopback_only(tmp_path):
     shards = make_shards(tmp_path / "shards", {"train": 20, "valid": 4})
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
@@ -66,14 +55,10 @@ def test_a_local_run_opens_no_listener_of_its_own_and_no_dashboard(tmp_path):
                              if x.startswith("RESULT "))[len("RESULT "):])
     assert result["samples"] == 20
     listeners = result["listeners"]
-    assert listeners, "psutil saw no listening socket at all: the probe is broken"
-    assert all(x["port"] != 8265 for x in listeners)  # the dashboard is off
+    names = {x["name"] for x in listeners}
+    # the probe sees the whole tree: Ray's C++ servers, the driver and the stream's actors
+    assert {"gcs_server", "raylet", "ray::ShardReader", "ray::DashboardAgent",
+            "ray::RuntimeEnvAgent"} <= names, names
+    assert any(x["driver"] for x in listeners)
     outside = [x for x in listeners if x["ip"] not in LOOPBACK]
-    # Everything reachable from outside is Ray's own (documented above), never tench's.
-    assert all(is_ray_process(x) for x in outside), [x for x in outside
-                                                      if not is_ray_process(x)]
-    # ...and only these kinds of Ray process: the exact set the README warns about.
-    kinds = {x["name"] if not x["driver"] else "driver core worker" for x in outside}
-    allowed = RAY_SERVER_NAMES | {"driver core worker", "ray::IDLE", "ray::ShardReader",
-                                  "ray::DashboardAgent", "ray::RuntimeEnvAgent", "python"}
-    assert kinds <= allowed, kinds - allowed
+    assert outside == [], outside

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.ray_setup import RayJoinError
 from pipeline.source import ShardSource
 from trainer.build import (
     close_streams,
@@ -178,7 +179,7 @@ def main(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"tench fit: training diverged: {e}", file=sys.stderr)
         return 1
-    except (FitError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (FitError, CheckpointError, RayJoinError, ValueError, FileNotFoundError) as e:
         print(f"tench fit: {e}", file=sys.stderr)
         return 2
     print(summary_line(summary))
