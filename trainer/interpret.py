@@ -151,7 +151,7 @@ def plot_confusion(matrix: np.ndarray, vocab: list[str], path: Path, title: str)
 
 def plot_top_losses(top: list[TopLoss], vocab: list[str], path: Path) -> Path:
     """A grid of the highest-loss images titled label / prediction / loss / probability."""
-    cols = max(1, min(3 if len(top) <= 9 else 4, len(top)))
+    cols = max(1, math.ceil(math.sqrt(len(top))))
     rows = max(1, math.ceil(len(top) / cols))
     fig, _ = new_figure(1, 3.2 * cols, 3.4 * rows + 0.5)
     fig.clear()
@@ -161,7 +161,7 @@ def plot_top_losses(top: list[TopLoss], vocab: list[str], path: Path) -> Path:
         ax.axis("off")
         if i < len(top):
             t = top[i]
-            ax.imshow(t.image)
+            ax.imshow(t.image, interpolation="nearest")  # the model's pixels, not smoothed
             ax.set_title(f"{vocab[t.label]} / {vocab[t.prediction]}\n"
                          f"loss {t.loss:.2f} / p {t.probability:.2f}", fontsize=10)
     return save_figure(fig, path)
