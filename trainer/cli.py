@@ -17,7 +17,9 @@ COMMANDS = {
     "shard": ("shards.sharder", "labelled images (folders, file names or a CSV) -> tar shards"),
     "inspect": ("shards.inspect", "summarise a shards folder and check it against meta.json"),
     "fit": ("trainer.fit", "train a model on shards, streaming them through Ray"),
-    "predict": ("trainer.predict", "predict classes of image files with a trained run"),
+    "predict": ("trainer.predict", "predict classes of images or a shards split with a run"),
+    "interpret": ("trainer.interpret", "confusion matrix, top losses, per-class scores of a run"),
+    "export": ("trainer.export", "export a run's model as a torch.export program + JSON"),
 }
 
 
