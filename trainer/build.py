@@ -24,6 +24,7 @@ from trainer.callbacks import (
     AvgStatsCallback,
     CheckpointCallback,
     DeviceCallback,
+    FreezeBody,
     MetricsLogger,
     MixedPrecision,
     MixUp,
@@ -34,10 +35,10 @@ from trainer.callbacks import (
     Recorder,
 )
 from trainer.config import FitConfig, FitError
-from trainer.learner import DataPair, Learner
+from trainer.learner import DataPair, Learner, trainable_params
 from trainer.losses import LabelSmoothingCrossEntropy
-from trainer.models import create_model
-from trainer.schedules import one_cycle
+from trainer.models import N_LAYER_GROUPS, create_model, freeze_body, layer_groups
+from trainer.schedules import fine_tune, one_cycle
 
 # sgd's starting momentum: any value > 0 selects the momentum step; the one-cycle schedule
 # then sets it every batch (0.95 -> 0.85 -> 0.95).
@@ -106,6 +107,8 @@ def make_learner(config: FitConfig, streams: DataPair, run_dir: str | Path | Non
     vocab = streams.train.vocab
     seed_everything(config.seed)
     model = create_model(config.arch, len(vocab))
+    if config.freeze_epochs:  # fine-tuning: start frozen, one param group per layer group
+        freeze_body(model)
     cbs: list = [DeviceCallback(config.device), NormalizeCallback.from_stats(streams.train.stats),
                  MixedPrecision(torch.bfloat16), AvgStatsCallback(), NonFiniteGuard()]
     if config.mixup > 0:
@@ -113,7 +116,8 @@ def make_learner(config: FitConfig, streams: DataPair, run_dir: str | Path | Non
     if is_main:
         cbs += [ProgressCallback(), Recorder(plot_dir=run_dir)]
     return Learner(model, streams, make_loss(config), make_opt_func(config),
-                   lr=config.lr or 1e-3, cbs=cbs)
+                   lr=config.lr or 1e-3, cbs=cbs,
+                   splitter=layer_groups if config.freeze_epochs else trainable_params)
 
 
 def run_callbacks(config: FitConfig, run_dir: str | Path, vocab: Any) -> list:
@@ -122,9 +126,14 @@ def run_callbacks(config: FitConfig, run_dir: str | Path, vocab: Any) -> list:
 
 
 def schedule_callbacks(config: FitConfig) -> list:
-    """One-cycle lr and momentum as a function of the training position."""
+    """One-cycle lr and momentum as a function of the training position; with freeze_epochs,
+    fastai's fine_tune: a one-cycle of the head, then one of everything (see `fine_tune`)."""
     if config.lr is None:
         raise FitError("no learning rate: give --lr or --lr-find")
+    if config.freeze_epochs:
+        scheds = fine_tune(config.lr, config.freeze_epochs / config.epochs, N_LAYER_GROUPS,
+                           pct_start=config.pct_start)
+        return [ParamScheduler(scheds), FreezeBody(config.freeze_epochs)]
     return [ParamScheduler(one_cycle(config.lr, pct_start=config.pct_start))]
 
 

@@ -54,6 +54,8 @@ class FitConfig:
     device: str | None = None  # None: CUDA when present, else CPU
     cache_dir: str | None = None  # remote shards: download each once to this folder
     cache_limit: str = "50GB"  # the cache's size bound (bytes, or "50GB", "512MiB", ...)
+    init: str | None = None  # start from this run folder, model.pt or state-dict file
+    freeze_epochs: int = 0  # the first N of `epochs` train the head (and BatchNorm) only
 
     def __post_init__(self) -> None:
         problems = []
@@ -79,6 +81,12 @@ class FitConfig:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.actors is not None and self.actors < 1:
             problems.append(f"actors must be >= 1, got {self.actors}")
+        if not 0 <= self.freeze_epochs <= self.epochs:
+            problems.append(f"freeze_epochs must be in [0, epochs], got {self.freeze_epochs}")
+        if self.freeze_epochs and not self.init:
+            problems.append("freeze_epochs needs init (a model to fine-tune)")
+        if self.init and self.lsuv:
+            problems.append("lsuv would re-initialise the weights init loads: use one")
         if problems:
             raise ValueError("invalid fit config: " + "; ".join(problems))
 

@@ -66,6 +66,7 @@ from trainer.run_dir import (
     write_config,
     write_metrics,
 )
+from trainer.transfer import load_init, read_init_source
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,10 @@ def train_worker(loop_config: dict) -> None:
                       f"trained before the failure is discarded)", flush=True)
         elif config.lsuv:  # every rank computes it; DDP then broadcasts rank 0's weights
             lsuv_init(learn.model, first_float_batch(learn))
+        elif config.init:  # every rank loads it (DDP would broadcast rank 0's anyway)
+            report = load_init(learn.model, read_init_source(config.init), vocab, config.arch)
+            if is_main:
+                print("\n".join(report.lines()), flush=True)
         learn.model = ray.train.torch.prepare_model(learn.model, move_to_device=False)
         cbs = [ReduceStats(), RayTrainReport(config, vocab, run_dir, is_main)]
         if is_main:

@@ -41,6 +41,7 @@ from trainer.run_dir import (
     summary_line,
     write_config,
 )
+from trainer.transfer import load_init, read_init_source, source_arch
 
 
 # ----------------------------------------------------------------------------- the run
@@ -83,6 +84,9 @@ def run_fit(config: FitConfig) -> dict:
         if ckpt is not None:
             start_epoch = restore(learn, ckpt)
         else:
+            if config.init:
+                report = load_init(learn.model, read_init_source(config.init), vocab, config.arch)
+                print("\n".join(report.lines()), flush=True)
             if config.lsuv:
                 lsuv_init(learn.model, first_float_batch(learn))
             if config.lr_find:
@@ -131,6 +135,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pct-start", type=float, default=s,
                         help=f"warm-up share of the one-cycle schedule (default {d.pct_start})")
     parser.add_argument("--size", type=int, default=s, help=f"image side in px (default {d.size})")
+    parser.add_argument("--init", default=s, metavar="SOURCE",
+                        help="start from a tench run folder, model.pt or PyTorch state-dict "
+                             "file (--arch defaults to a tench model's)")
+    parser.add_argument("--freeze-epochs", type=int, default=s, metavar="N",
+                        help="with --init: the first N of --epochs train the head only, the "
+                             "rest everything with discriminative lrs (fastai's fine_tune)")
     parser.add_argument("--lsuv", action="store_true", default=s, help="LSUV initialisation")
     parser.add_argument("--mixup", type=float, default=s, metavar="ALPHA",
                         help="MixUp with Beta(ALPHA, ALPHA) (default off)")
@@ -167,6 +177,8 @@ def config_from_args(args: argparse.Namespace) -> FitConfig:
     stored = read_config(args.out) if given.get("resume") else None
     if stored is not None:  # resume: the run's settings, plus changes
         return FitConfig.from_dict({**stored.to_dict(), **given})
+    if given.get("init") and "arch" not in given:
+        given["arch"] = source_arch(given["init"]) or FitConfig.arch
     return FitConfig(**given)
 
 
@@ -174,6 +186,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         if getattr(args, "num_workers", None) or getattr(args, "workers_per_node", None):
+            if config.freeze_epochs:  # DDP fixes the trainable set when it wraps the model
+                raise FitError("--freeze-epochs trains in one process only; leave out "
+                               "--num-workers/--workers-per-node or --freeze-epochs")
             return main_distributed(config, args)  # data-parallel on Ray Train
         summary = run_fit(config)
     except NonFiniteLossError as e:

@@ -1,7 +1,9 @@
-"""The course's models: the plain CNN of nb_07/nb_08 and the XResNets of nb_11.
+"""The course's models (the plain CNN of nb_07/nb_08, the XResNets of nb_11) and torchvision's
+ResNets, so a torchvision weights file can be fine-tuned.
 
 Nothing here touches a device: models are built on the CPU and the device callback moves
-them. `create_model(arch, n_classes)` is what `tench fit --arch` calls.
+them. `create_model(arch, n_classes)` is what `tench fit --arch` calls; `head_name`,
+`layer_groups` and `freeze_body` split any of them into body and head for fine-tuning.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import resnet as torchvision_resnet
 
 
 class GeneralRelu(nn.Module):
@@ -197,7 +200,13 @@ def xresnet50(n_classes: int, c_in: int = 3) -> nn.Sequential:
 
 # --- factory ----------------------------------------------------------------------------
 
-ARCHS = ("cnn", "cnn_nobn", "xresnet18", "xresnet34", "xresnet50")
+ARCHS = ("cnn", "cnn_nobn", "xresnet18", "xresnet34", "xresnet50",
+         "resnet18", "resnet34", "resnet50")
+# torchvision's builders, always without weights: tench downloads nothing; a weights file is
+# loaded with `tench fit --init PATH`.
+TORCHVISION_RESNETS = {"resnet18": torchvision_resnet.resnet18,
+                       "resnet34": torchvision_resnet.resnet34,
+                       "resnet50": torchvision_resnet.resnet50}
 
 
 def create_model(arch: str, n_classes: int, c_in: int = 3) -> nn.Module:
@@ -218,7 +227,54 @@ def create_model(arch: str, n_classes: int, c_in: int = 3) -> nn.Module:
         return xresnet34(n_classes, c_in)
     if arch == "xresnet50":
         return xresnet50(n_classes, c_in)
+    if arch in TORCHVISION_RESNETS:
+        if c_in != 3:
+            raise ValueError(f"{arch} (torchvision) takes 3 input channels, got {c_in}")
+        return TORCHVISION_RESNETS[arch](weights=None, num_classes=n_classes)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+# --- body and head (fine-tuning) ---------------------------------------------------------
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+N_LAYER_GROUPS = 3  # what layer_groups returns
+
+
+def head_name(model: nn.Module) -> str:
+    """The name of the model's classifier in its state_dict: torchvision's `fc`, the last
+    Linear of a Sequential (the CNN, the XResNets)."""
+    if isinstance(model, torchvision_resnet.ResNet):
+        return "fc"
+    if isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear):
+        return str(len(model) - 1)
+    raise ValueError(f"no classifier head found in a {type(model).__name__}: tench knows "
+                     "torchvision ResNets and Sequentials ending in a Linear layer")
+
+
+def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Three parameter groups for discriminative learning rates, as fastai splits a ResNet:
+    the early body, the body's last two blocks (children with parameters), the head.
+
+    Every parameter is in a group, trainable or not, so unfreezing needs no new optimizer.
+    """
+    head = head_name(model)
+    blocks = [m for name, m in model.named_children()
+              if name != head and any(True for _ in m.parameters())]
+    groups = [[p for m in part for p in m.parameters()] for part in (blocks[:-2], blocks[-2:])]
+    groups.append(list(model.get_submodule(head).parameters()))
+    if sum(map(len, groups)) != len(list(model.parameters())):
+        raise ValueError(f"layer_groups: a {type(model).__name__} has parameters outside its "
+                         "children")
+    return groups
+
+
+def freeze_body(model: nn.Module, frozen: bool = True) -> None:
+    """Frozen: only the head and the BatchNorm layers train (as fastai freezes: BN's scale and
+    shift adapt to the new data). Not frozen: everything trains."""
+    keep = {id(p) for p in model.get_submodule(head_name(model)).parameters()}
+    keep |= {id(p) for m in model.modules() if isinstance(m, BATCH_NORMS) for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(not frozen or id(p) in keep)
 
 
 # --- summary ----------------------------------------------------------------------------

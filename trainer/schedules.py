@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from trainer.optim import spread
+
 
 @runtime_checkable
 class Schedule(Protocol):
@@ -220,3 +222,29 @@ def schedule_from_dict(data: dict) -> Schedule:
         return _KINDS[kind](float(data["start"]), None if end is None else float(end))
     except (KeyError, TypeError) as err:
         raise ValueError(f"malformed schedule description {data!r}: {err}") from err
+
+
+def fine_tune(
+    lr_max: float, freeze_pct: float, n_groups: int, pct_start: float = 0.25,
+    lr_mult: float = 100.0,
+) -> dict[str, list[CombinedSchedule] | CombinedSchedule]:
+    """fastai's `fine_tune` as one schedule of the whole run, one lr schedule per param group.
+
+    The frozen phase (the first `freeze_pct` of training) is a one-cycle with pct_start 0.99
+    peaking at lr_max for the head and lr_max/10 for the body (fastai's `slice(lr_max)`;
+    only the body's BatchNorm trains then). The rest is a fresh one-cycle with discriminative
+    lrs spread log-evenly from lr_max/2/lr_mult (earliest group) to lr_max/2 (the head),
+    the spread `Optimizer` gives `lr=slice(lo, hi)`.
+    """
+    if n_groups < 1:
+        raise ValueError(f"fine_tune needs n_groups >= 1, got {n_groups}")
+    frozen_peaks = [lr_max / 10] * (n_groups - 1) + [lr_max]
+    peaks = spread("lr", slice(lr_max / 2 / lr_mult, lr_max / 2), n_groups)
+    pcts = (freeze_pct, 1.0 - freeze_pct)
+    frozen = [one_cycle(peak, pct_start=0.99) for peak in frozen_peaks]
+    unfrozen = [one_cycle(peak, pct_start=pct_start) for peak in peaks]
+    return {
+        "lr": [combine_scheds(pcts, [a["lr"], b["lr"]])
+               for a, b in zip(frozen, unfrozen, strict=True)],
+        "mom": combine_scheds(pcts, [frozen[0]["mom"], unfrozen[0]["mom"]]),
+    }

@@ -22,6 +22,7 @@ from trainer.callbacks.core import (
     CancelValidate,
 )
 from trainer.callbacks.device import DeviceCallback, Normalize, NormalizeCallback
+from trainer.callbacks.freeze import FreezeBody
 from trainer.callbacks.guards import NonFiniteGuard, NonFiniteLossError
 from trainer.callbacks.lr_finder import LRFinder, LRFindResult, lr_find, valley
 from trainer.callbacks.mixup import MixUp
@@ -35,7 +36,8 @@ __all__ = [
     "CHECKPOINT_VERSION", "EVENTS", "AvgStatsCallback", "Callback",
     "CallbackError", "CancelBatch", "CancelEpoch", "CancelException", "CancelFit",
     "CancelStep", "CancelTrain", "CancelValidate", "CheckpointCallback", "CheckpointError",
-    "DeviceCallback", "LRFindResult", "LRFinder", "MetricsLogger", "MixUp", "MixedPrecision",
+    "DeviceCallback", "FreezeBody", "LRFindResult", "LRFinder", "MetricsLogger", "MixUp",
+    "MixedPrecision",
     "NonFiniteGuard", "NonFiniteLossError", "Normalize", "NormalizeCallback", "ParamScheduler",
     "ProgressCallback", "Recorder", "SmoothLoss", "accuracy", "checkpoint_state",
     "load_checkpoint", "lr_find", "restore", "save_checkpoint", "valley",
