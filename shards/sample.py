@@ -30,6 +30,9 @@ SHORT_SIDE = 160
 LONG_SIDE = (160, 260)
 PNG_EVERY = 10  # one image in ten is PNG
 TMP_NAME = ".tench-sample.partial"
+RADIUS = (0.18, 0.34)  # shape radius, as a share of the shorter side
+REACH = 1.15  # farthest point of any shape from its centre, in radii (a turned square: 1.13)
+CENTRE_KEPT = 0.875  # the share of the shorter side a validation centre crop keeps (1 / 1.14)
 
 Colour = tuple[int, int, int]
 
@@ -71,12 +74,12 @@ def _draw_shape(
         w = rng.uniform(0.22, 0.32)
         poly([(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w),
               (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)])  # fmt: skip
-    elif name == "stripes":
+    elif name == "stripes":  # in the same 1.6r square as checker (its corners stay within REACH)
         n = int(rng.integers(3, 6))
-        band = 2.0 / (2 * n - 1)
+        band = 1.6 / (2 * n - 1)
         for k in range(n):
-            y0 = -1 + 2 * k * band
-            poly([(-1, y0), (1, y0), (1, y0 + band), (-1, y0 + band)])
+            y0 = -0.8 + 2 * k * band
+            poly([(-0.8, y0), (0.8, y0), (0.8, y0 + band), (-0.8, y0 + band)])
     elif name == "checker":
         n = int(rng.integers(3, 5))
         cell = 1.6 / n
@@ -89,7 +92,7 @@ def _draw_shape(
         for _ in range(int(rng.integers(5, 10))):
             d = r * math.sqrt(rng.uniform(0, 1)) * 0.85
             a = rng.uniform(0, 2 * math.pi)
-            dr = r * rng.uniform(0.1, 0.17)
+            dr = r * rng.uniform(0.13, 0.2)
             x, y = cx + d * math.cos(a), cy + d * math.sin(a)
             draw.ellipse([x - dr, y - dr, x + dr, y + dr], fill=colour)
     else:
@@ -103,6 +106,16 @@ def _far_colour(rng: np.random.Generator, away_from: np.ndarray) -> Colour:
         if np.abs(colour - away_from).sum() >= 150:
             break
     return tuple(int(c) for c in colour)
+
+
+def place_shape(w: int, h: int, rng: np.random.Generator) -> tuple[float, float, float]:
+    """(cx, cy, r): a random radius, and a random centre that keeps the whole shape inside the
+    centred square a validation centre crop keeps. A shape off at one end of a long image
+    would be cut away by that crop, and its label would then be wrong for what is seen."""
+    short = min(w, h)
+    r = short * rng.uniform(*RADIUS)
+    room = short * CENTRE_KEPT / 2 - r * REACH
+    return w / 2 + rng.uniform(-room, room), h / 2 + rng.uniform(-room, room), r
 
 
 def draw_image(name: str, rng: np.random.Generator) -> Image.Image:
@@ -130,10 +143,7 @@ def draw_image(name: str, rng: np.random.Generator) -> Image.Image:
         line_colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         draw.line([(x0, y0), (x1, y1)], fill=line_colour, width=int(rng.integers(1, 4)))
 
-    short = min(w, h)
-    r = short * rng.uniform(0.2, 0.4)
-    cx = rng.uniform(r * 0.8, w - r * 0.8)
-    cy = rng.uniform(r * 0.8, h - r * 0.8)
+    cx, cy, r = place_shape(w, h, rng)
     colour = _far_colour(rng, (c1 + c2) / 2)
     _draw_shape(draw, name, cx, cy, r, rng.uniform(0, 2 * math.pi), colour, rng)
 

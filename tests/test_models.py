@@ -64,7 +64,7 @@ def test_cnn_stem_is_sized_from_input_channels():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
 
 
-@pytest.mark.parametrize("arch", ["cnn", "cnn_nobn", "xresnet18", "xresnet34"])
+@pytest.mark.parametrize("arch", ["cnn", "cnn_nobn", "xresnet10_half", "xresnet18", "xresnet34"])
 def test_create_model_forward_backward(arch):
     torch.manual_seed(0)
     model = create_model(arch, n_classes=7)
@@ -188,3 +188,11 @@ def test_model_summary_lists_children_and_leaves_without_side_effects():
     leaves = model_summary(model, torch.randn(1, 3, 32, 32), leaves=True)
     assert "0.1    GeneralRelu" in leaves
     assert any(line.split()[:3] == ["6.0", "Conv2d", "1x256x1x1"] for line in leaves.splitlines())
+
+
+def test_xresnet_width_scales_every_stage():
+    half, full = create_model("xresnet10_half", 10), xresnet18(10)
+    convs = lambda m: [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
+    assert max(convs(half)) == 256 and max(convs(full)) == 512
+    assert half[-1].in_features == 256
+    assert sum(isinstance(m, ResBlock) for m in half.modules()) == 4

@@ -1,11 +1,22 @@
 import hashlib
+import math
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from shards.blocks import grandparent_splitter, parent_labeler, split_items
 from shards.files import get_files, image_extensions
-from shards.sample import CLASSES, LONG_SIDE, SHORT_SIDE, make_sample
+from shards.sample import (
+    CENTRE_KEPT,
+    CLASSES,
+    LONG_SIDE,
+    REACH,
+    SHORT_SIDE,
+    _draw_shape,
+    make_sample,
+    place_shape,
+)
 from trainer.cli import main as tench
 
 
@@ -77,6 +88,35 @@ def test_same_seed_same_bytes_other_seed_differs(sample, tmp_path):
     other = _digests(tmp_path / "other")
     assert other.keys() == _digests(out).keys()
     assert all(other[k] != v for k, v in _digests(out).items())
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_every_shape_stays_within_reach_of_its_centre(name):
+    r = 60
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        canvas = Image.new("L", (200, 200), 0)
+        _draw_shape(ImageDraw.Draw(canvas), name, 100, 100, r, rng.uniform(0, 2 * math.pi),
+                    255, rng)  # fmt: skip
+        ys, xs = np.nonzero(np.asarray(canvas))
+        assert len(xs) > 0
+        assert np.hypot(xs + 0.5 - 100, ys + 0.5 - 100).max() <= REACH * r + 1.5, (name, seed)
+
+
+@pytest.mark.parametrize("size", [(160, 160), (260, 160), (160, 260), (213, 160)])
+def test_the_shape_lies_inside_the_validation_centre_crop(size):
+    w, h = size
+    half = min(w, h) * CENTRE_KEPT / 2
+    rs, xs = [], []
+    for seed in range(500):
+        cx, cy, r = place_shape(w, h, np.random.default_rng(seed))
+        reach = REACH * r
+        assert w / 2 - half <= cx - reach and cx + reach <= w / 2 + half
+        assert h / 2 - half <= cy - reach and cy + reach <= h / 2 + half
+        rs.append(r)
+        xs.append(cx)
+    assert max(rs) / min(rs) > 1.7  # sizes still vary, and so do positions
+    assert max(xs) - min(xs) > 0.25 * min(w, h)
 
 
 def test_images_of_a_class_differ(sample):

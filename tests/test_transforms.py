@@ -14,6 +14,7 @@ import torch
 
 from pipeline.kernels import random_resized_crop_box, resize
 from pipeline.transforms import (
+    TRAIN_SCALE,
     VALID_ZOOM,
     CenterCrop,
     Compose,
@@ -323,3 +324,19 @@ def test_valid_pipeline_is_resize_then_centre_crop():
     assert np.array_equal(
         valid_tfms(16)(image, np.random.default_rng(0)), CenterCrop(16)(resized, None)
     )
+
+
+def test_default_training_crop_keeps_most_of_a_centred_object():
+    # a white 64x64 square in the middle of a 160x260 picture, the rest black
+    image = np.zeros((160, 260, 3), np.uint8)
+    image[48:112, 98:162] = 255
+    shown = []  # the share of the square each crop keeps
+    for seed in range(300):
+        out = train_tfms(64)(image, np.random.default_rng(seed))
+        top, left, crop_h, crop_w = random_resized_crop_box(
+            160, 260, TRAIN_SCALE, (3 / 4, 4 / 3), np.random.default_rng(seed)
+        )
+        inside = image[top : top + crop_h, left : left + crop_w, 0] == 255
+        shown.append(inside.sum() / 64**2)
+        assert (out[..., 0] > 127).any()
+    assert min(shown) > 0.9  # with the course's 35% crops, as little as a quarter

@@ -153,14 +153,20 @@ class ResBlock(nn.Module):
         return F.relu(self.convs(x) + self.idconv(self.pool(x)))
 
 
-def xresnet(expansion: int, layers: Sequence[int], n_classes: int, c_in: int = 3) -> nn.Sequential:
+def xresnet(
+    expansion: int, layers: Sequence[int], n_classes: int, c_in: int = 3, width: float = 1.0
+) -> nn.Sequential:
     """Stem of three 3x3 convs [c_in, (c_in+1)*8, 64, 64], max pool, four stages of
-    ResBlocks with widths 64, 128, 256, 512 (times `expansion`), pool, flatten, linear."""
-    stem_widths = [c_in, (c_in + 1) * 8, 64, 64]
+    ResBlocks with widths 64, 128, 256, 512 (times `expansion`), pool, flatten, linear.
+
+    `width` scales the 64..512 widths (0.5: 32..256, a quarter of the compute).
+    """
+    base = [round(w * width) for w in (64, 128, 256, 512)]
+    stem_widths = [c_in, (c_in + 1) * 8, base[0], base[0]]
     stem = [
         conv_bn(stem_widths[i], stem_widths[i + 1], stride=2 if i == 0 else 1) for i in range(3)
     ]
-    widths = [64 // expansion, 64, 128, 256, 512]
+    widths = [base[0] // expansion, *base]
     stages = [
         nn.Sequential(
             *[
@@ -190,6 +196,12 @@ def xresnet18(n_classes: int, c_in: int = 3) -> nn.Sequential:
     return xresnet(1, [2, 2, 2, 2], n_classes, c_in)
 
 
+def xresnet10_half(n_classes: int, c_in: int = 3) -> nn.Sequential:
+    """One block per stage at half the widths (32..256): small pictures of few classes
+    (the demo's shapes at 64 px) learn far faster than with the plain `cnn` for ~4x its cost."""
+    return xresnet(1, [1, 1, 1, 1], n_classes, c_in, width=0.5)
+
+
 def xresnet34(n_classes: int, c_in: int = 3) -> nn.Sequential:
     return xresnet(1, [3, 4, 6, 3], n_classes, c_in)
 
@@ -200,7 +212,7 @@ def xresnet50(n_classes: int, c_in: int = 3) -> nn.Sequential:
 
 # --- factory ----------------------------------------------------------------------------
 
-ARCHS = ("cnn", "cnn_nobn", "xresnet18", "xresnet34", "xresnet50",
+ARCHS = ("cnn", "cnn_nobn", "xresnet10_half", "xresnet18", "xresnet34", "xresnet50",
          "resnet18", "resnet34", "resnet50")
 # torchvision's builders, always without weights: tench downloads nothing; a weights file is
 # loaded with `tench fit --init PATH`.
@@ -221,6 +233,8 @@ def create_model(arch: str, n_classes: int, c_in: int = 3) -> nn.Module:
         return init_cnn(get_cnn_model(n_classes, c_in), leak=CNN_ACTIVATION["leak"])
     if arch == "cnn_nobn":
         return init_cnn(get_cnn_model(n_classes, c_in, bn=False), leak=CNN_ACTIVATION["leak"])
+    if arch == "xresnet10_half":
+        return xresnet10_half(n_classes, c_in)
     if arch == "xresnet18":
         return xresnet18(n_classes, c_in)
     if arch == "xresnet34":
