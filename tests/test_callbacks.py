@@ -107,7 +107,7 @@ def test_avg_stats_are_batch_size_weighted():
     learn.fit(1, cbs=[cb])
     row = learn.history[0]
     assert set(row) == {"epoch", "train_loss", "train_accuracy", "valid_loss", "accuracy",
-                        "seconds"}
+                        "seconds", "data_wait", "images_per_s"}
     expected_train = sum(loss * n for loss, n in per_batch_train) / sum(sizes)
     assert row["train_loss"] == pytest.approx(expected_train, rel=1e-5)
 

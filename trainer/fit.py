@@ -27,6 +27,7 @@ from trainer.build import (
     schedule_callbacks,
 )
 from trainer.callbacks import CheckpointError, NonFiniteLossError, load_checkpoint, lr_find, restore
+from trainer.callbacks.resize import parse_size
 from trainer.config import OPTIMIZERS, FitConfig, FitError
 from trainer.distributed import add_cluster_arguments, main_distributed
 from trainer.lsuv import lsuv_init
@@ -130,7 +131,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wd", type=float, default=s, help=f"weight decay (default {d.wd})")
     parser.add_argument("--pct-start", type=float, default=s,
                         help=f"warm-up share of the one-cycle schedule (default {d.pct_start})")
-    parser.add_argument("--size", type=int, default=s, help=f"image side in px (default {d.size})")
+    parser.add_argument("--size", default=s, metavar="N|START:N",
+                        help=f"image side in px (default {d.size}); START:N resizes "
+                             "progressively: the first half of the epochs ramp from START to N")
+    parser.add_argument("--tta", action="store_true", default=s,
+                        help="after the last epoch, validate again with test-time augmentation "
+                             "(centre crop + its flip): metrics.json's accuracy_tta")
     parser.add_argument("--lsuv", action="store_true", default=s, help="LSUV initialisation")
     parser.add_argument("--mixup", type=float, default=s, metavar="ALPHA",
                         help="MixUp with Beta(ALPHA, ALPHA) (default off)")
@@ -162,6 +168,8 @@ def config_from_args(args: argparse.Namespace) -> FitConfig:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(FitConfig)
              if hasattr(args, f.name)}
     given["shards"], given["out"] = str(args.shards), str(args.out)
+    if "size" in given:  # "64" or "48:64" (progressive): both fields, so a resume can compare
+        given["size_start"], given["size"] = parse_size(given["size"])
     if given.get("lr_find") and "lr" not in given:
         given["lr"] = None
     stored = read_config(args.out) if given.get("resume") else None
