@@ -224,7 +224,8 @@ def test_progress_prints_plain_lines_off_a_terminal():
     learn.fit(2)
     assert len(lines) == 3
     header = lines[0].split()
-    assert header == ["epoch", "train_loss", "train_accuracy", "valid_loss", "accuracy", "time"]
+    assert header == ["epoch", "train_loss", "train_accuracy", "valid_loss", "accuracy", "time",
+                      "data_wait", "images_per_s"]
     for epoch, line in enumerate(lines[1:]):
         cells = line.split()
         assert cells[0] == str(epoch)
