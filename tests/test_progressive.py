@@ -122,6 +122,7 @@ def test_a_resumed_run_keeps_the_schedule(ray_local, shards, tmp_path):
 
     with pytest.raises(FitError, match="size_start"):  # another schedule is refused
         resume_checkpoint(config.replace(resume=True, size_start=None))
+    assert resume_checkpoint(config.replace(resume=True, tta=True))[1].tta  # a runtime field
     ckpt, resumed = resume_checkpoint(config.replace(resume=True))
     assert (resumed.size_start, resumed.size) == (16, 32)
     streams = make_streams(resumed)

@@ -60,7 +60,7 @@ def resume_checkpoint(config: FitConfig) -> tuple[dict, FitConfig]:
         raise FitError(f"{path}: --resume must keep the run's settings, but these differ "
                        f"({listed}); resume without them or start a new run")
     return ckpt, stored.replace(resume=True, shards=config.shards, out=config.out,
-                                address=config.address, device=config.device)
+                                address=config.address, device=config.device, tta=config.tta)
 
 
 def run_fit(config: FitConfig) -> dict:
