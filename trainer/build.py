@@ -32,7 +32,9 @@ from trainer.callbacks import (
     NormalizeCallback,
     ParamScheduler,
     ProgressCallback,
+    ProgressiveResize,
     Recorder,
+    TestTimeAugmentation,
 )
 from trainer.config import FitConfig, FitError
 from trainer.learner import DataPair, Learner, trainable_params
@@ -100,7 +102,8 @@ def make_learner(config: FitConfig, streams: DataPair, run_dir: str | Path | Non
     """A seeded model and a Learner with the callbacks that persist nothing.
 
     Device placement, uint8 -> normalised float on the device, MixUp, mixed precision
-    (CUDA only), loss/accuracy averages and the NaN guard on every worker; the progress
+    (CUDA only), loss/accuracy averages, the NaN guard, progressive resizing (`size_start`)
+    and TTA after the last epoch (`tta`) on every worker; the progress
     bars and the Recorder (plots into `run_dir`) only where `is_main`. Add `run_callbacks`
     before fitting for the metrics files and last.pt; pass `schedule_callbacks` to `fit`.
     """
@@ -113,6 +116,10 @@ def make_learner(config: FitConfig, streams: DataPair, run_dir: str | Path | Non
                  MixedPrecision(torch.bfloat16), AvgStatsCallback(), NonFiniteGuard()]
     if config.mixup > 0:
         cbs.append(MixUp(config.mixup, seed=config.seed))
+    if config.size_start is not None:  # every rank: each resizes its own training stream
+        cbs.append(ProgressiveResize(config.size_start, config.size))
+    if config.tta:
+        cbs.append(TestTimeAugmentation())
     if is_main:
         cbs += [ProgressCallback(), Recorder(plot_dir=run_dir)]
     return Learner(model, streams, make_loss(config), make_opt_func(config),

@@ -21,7 +21,8 @@ RENAMED_FIELDS = {"bs": "batch_size", "workers": "actors"}
 
 # Settings that may change when a run is resumed: they do not change what is computed
 # (epochs is checked separately: it must stay the same for the schedule to line up).
-RUNTIME_FIELDS = frozenset({"address", "device", "resume", "force", "cache_dir", "cache_limit"})
+RUNTIME_FIELDS = frozenset({"address", "device", "resume", "force", "cache_dir", "cache_limit",
+                            "tta"})
 
 
 class FitError(RuntimeError):
@@ -42,7 +43,9 @@ class FitConfig:
     opt: str = "adam"
     wd: float = 0.01
     pct_start: float = 0.25
-    size: int = 64
+    size: int = 64  # the final training side, and validation's
+    size_start: int | None = None  # progressive resizing from this side (trainer.callbacks.resize)
+    tta: bool = False  # a last validation pass with test-time augmentation (accuracy_tta)
     lsuv: bool = False
     mixup: float = 0.0  # alpha; 0 = off
     label_smoothing: float = 0.0  # eps; 0 = plain cross-entropy
@@ -65,6 +68,8 @@ class FitConfig:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.size < 8:
             problems.append(f"size must be >= 8, got {self.size}")
+        if self.size_start is not None and not 8 <= self.size_start <= self.size:
+            problems.append(f"size_start must be in [8, size={self.size}], got {self.size_start}")
         if self.lr is None and not self.lr_find:
             problems.append("give an lr or ask for lr_find")
         if self.lr is not None and not self.lr > 0:
@@ -137,3 +142,4 @@ class FitConfig:
         """{field: (self's value, other's value)} for fields that differ, `ignore` left out."""
         mine, theirs = self.to_dict(), other.to_dict()
         return {k: (mine[k], theirs[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
+

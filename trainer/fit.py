@@ -27,6 +27,7 @@ from trainer.build import (
     schedule_callbacks,
 )
 from trainer.callbacks import CheckpointError, NonFiniteLossError, load_checkpoint, lr_find, restore
+from trainer.callbacks.resize import parse_size
 from trainer.config import OPTIMIZERS, FitConfig, FitError
 from trainer.distributed import add_cluster_arguments, main_distributed
 from trainer.lsuv import lsuv_init
@@ -60,7 +61,7 @@ def resume_checkpoint(config: FitConfig) -> tuple[dict, FitConfig]:
         raise FitError(f"{path}: --resume must keep the run's settings, but these differ "
                        f"({listed}); resume without them or start a new run")
     return ckpt, stored.replace(resume=True, shards=config.shards, out=config.out,
-                                address=config.address, device=config.device)
+                                address=config.address, device=config.device, tta=config.tta)
 
 
 def run_fit(config: FitConfig) -> dict:
@@ -134,7 +135,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wd", type=float, default=s, help=f"weight decay (default {d.wd})")
     parser.add_argument("--pct-start", type=float, default=s,
                         help=f"warm-up share of the one-cycle schedule (default {d.pct_start})")
-    parser.add_argument("--size", type=int, default=s, help=f"image side in px (default {d.size})")
+    parser.add_argument("--size", default=s, metavar="N|START:N",
+                        help=f"image side in px (default {d.size}); START:N resizes "
+                             "progressively: the first half of the epochs ramp from START to N")
+    parser.add_argument("--tta", action="store_true", default=s,
+                        help="after the last epoch, validate again with test-time augmentation "
+                             "(centre crop + its flip): metrics.json's accuracy_tta")
     parser.add_argument("--init", default=s, metavar="SOURCE",
                         help="start from a tench run folder, model.pt or PyTorch state-dict "
                              "file (--arch defaults to a tench model's)")
@@ -172,6 +178,8 @@ def config_from_args(args: argparse.Namespace) -> FitConfig:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(FitConfig)
              if hasattr(args, f.name)}
     given["shards"], given["out"] = str(args.shards), str(args.out)
+    if "size" in given:  # "64" or "48:64" (progressive): both fields, so a resume can compare
+        given["size_start"], given["size"] = parse_size(given["size"])
     if given.get("lr_find") and "lr" not in given:
         given["lr"] = None
     stored = read_config(args.out) if given.get("resume") else None

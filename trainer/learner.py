@@ -12,6 +12,7 @@ argument of every event method and read or replace the few attributes the loop e
     training                             True in the training pass, False in validation
     pct_train                            position in [0, 1] over the whole fit (for schedules)
     history                              one dict of metrics per finished epoch
+    data_wait                            seconds the current pass has waited for its batches
 
 The course's defects are fixed: `before_epoch` fires once per epoch, and a callback that
 returns a value is an error (control flow is only the Cancel exceptions).
@@ -19,7 +20,8 @@ returns a value is an error (control flow is only the Cancel exceptions).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -88,6 +90,7 @@ class Learner:
         self.n_iter: int | None = None
         self.training = False
         self.pct_train = 0.0
+        self.data_wait = 0.0
         self.batch = self.xb = self.yb = self.pred = self.loss = self.loss_grad = None
         self.add_cbs(cbs)
 
@@ -199,8 +202,25 @@ class Learner:
 
     def _all_batches(self, stream: Iterable) -> None:
         self.iter = 0
-        for self.iter, batch in enumerate(stream):
+        batches = self._timed(stream)
+        for self.iter, batch in enumerate(batches):
             self._one_batch(batch)
+
+    def _timed(self, stream: Iterable) -> Iterator:
+        """The stream's batches, adding the time spent fetching each to `data_wait` (host
+        clock only: no device sync)."""
+        self.data_wait = 0.0
+        start = time.perf_counter()
+        batches = iter(stream)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                self.data_wait += time.perf_counter() - start
+                return
+            self.data_wait += time.perf_counter() - start
+            yield batch
+            start = time.perf_counter()
 
     def _one_batch(self, batch: Any) -> None:
         self.batch, self.xb, self.yb = batch, batch.images, batch.labels

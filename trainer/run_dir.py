@@ -175,6 +175,7 @@ def run_summary(run_dir: Path, model_path: Path, config: FitConfig, history: lis
         "train_loss": last.get("train_loss"),
         "valid_loss": last.get("valid_loss"),
         "accuracy": last.get("accuracy"),
+        "accuracy_tta": last.get("accuracy_tta"),  # None unless the run asked for --tta
         "seconds": round(time.perf_counter() - start_time, 3),
         "config": config.to_dict(),
         **extra,
@@ -185,5 +186,7 @@ def summary_line(summary: dict, where: str = "") -> str:
     """The one line `tench fit` ends with; `where` e.g. " on 4 workers"."""
     accuracy = summary["accuracy"]
     accuracy_text = "n/a" if accuracy is None else f"{accuracy:.1%}"
+    if summary.get("accuracy_tta") is not None:
+        accuracy_text += f" ({summary['accuracy_tta']:.1%} with TTA)"
     return (f"done: {summary['epochs']} epochs{where} in {summary['seconds']:.1f}s, validation "
             f"accuracy {accuracy_text}; model in {summary['model']}")

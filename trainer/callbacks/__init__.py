@@ -29,8 +29,10 @@ from trainer.callbacks.mixup import MixUp
 from trainer.callbacks.precision import MixedPrecision
 from trainer.callbacks.progress import ProgressCallback
 from trainer.callbacks.recorder import Recorder, SmoothLoss
+from trainer.callbacks.resize import ProgressiveResize
 from trainer.callbacks.schedule import ParamScheduler
 from trainer.callbacks.stats import AvgStatsCallback, MetricsLogger, accuracy
+from trainer.callbacks.tta import TestTimeAugmentation
 
 __all__ = [
     "CHECKPOINT_VERSION", "EVENTS", "AvgStatsCallback", "Callback",
@@ -41,4 +43,5 @@ __all__ = [
     "NonFiniteGuard", "NonFiniteLossError", "Normalize", "NormalizeCallback", "ParamScheduler",
     "ProgressCallback", "Recorder", "SmoothLoss", "accuracy", "checkpoint_state",
     "load_checkpoint", "lr_find", "restore", "save_checkpoint", "valley",
+    "ProgressiveResize", "TestTimeAugmentation",
 ]

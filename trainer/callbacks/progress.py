@@ -1,19 +1,24 @@
 """Progress bars over epochs and batches, and the per-epoch metrics table.
 
 On a terminal: a fastprogress master bar over epochs, a child bar over the batches of each
-pass (showing the smoothed training loss), and the table written through the master bar.
+pass (showing the smoothed training loss and training images/s), and the table written
+through the master bar.
 Elsewhere (a log file, CI, a pipe): one plain line per epoch, no carriage-return bars.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 
 from fastprogress.fastprogress import format_time
 
 from trainer.callbacks.core import Callback
 from trainer.callbacks.recorder import SmoothLoss
+
+# Columns whose floats read better with fewer digits than the losses' six.
+FORMATS = {"data_wait": "{:.2f}", "images_per_s": "{:.0f}"}
 
 
 def format_row(row: dict, names: list[str]) -> list[str]:
@@ -24,6 +29,8 @@ def format_row(row: dict, names: list[str]) -> list[str]:
             cells.append("")
         elif name == "seconds":
             cells.append(format_time(value))
+        elif name in FORMATS:
+            cells.append(FORMATS[name].format(value))
         elif isinstance(value, float):
             cells.append(f"{value:.6f}")
         else:
@@ -51,6 +58,7 @@ class ProgressCallback(Callback):
         self.smooth = SmoothLoss(beta)
         self.mbar = self.pbar = None
         self.header_done = False
+        self.images, self.train_start = 0, 0.0
 
     def before_fit(self, learn) -> None:
         self.use_bars = sys.stdout.isatty() if self.bars is None else self.bars
@@ -68,6 +76,7 @@ class ProgressCallback(Callback):
                 self.mbar.update(learn.start_epoch)
 
     def before_train(self, learn) -> None:
+        self.images, self.train_start = 0, time.perf_counter()
         self._child_bar(learn)
 
     def before_validate(self, learn) -> None:
@@ -90,7 +99,9 @@ class ProgressCallback(Callback):
     def after_batch(self, learn) -> None:
         if self.pbar is not None:
             if learn.training:
-                self.pbar.comment = f"loss {self.smooth.value:.4f}"
+                self.images += learn.yb.shape[0]
+                rate = self.images / max(time.perf_counter() - self.train_start, 1e-9)
+                self.pbar.comment = f"loss {self.smooth.value:.4f}, {rate:.0f} images/s"
             self.pbar.update(learn.iter + 1)
 
     def after_train(self, learn) -> None:

@@ -1,7 +1,10 @@
 """Per-epoch loss and metrics (batch-size weighted), and the files they are logged to.
 
 `AvgStatsCallback` appends one dict per epoch to `learn.history`:
-`{"epoch", "train_loss", "train_<metric>"..., "valid_loss", "<metric>"..., "seconds"}`;
+`{"epoch", "train_loss", "train_<metric>"..., "valid_loss", "<metric>"..., "seconds",
+"data_wait", "images_per_s"}`: `data_wait` is the seconds the training pass waited for its
+next batch (the Learner's `data_wait`; a large share of `seconds` means a starved device)
+and `images_per_s` is the training images of the epoch (all ranks') over its `seconds`;
 `MetricsLogger` writes that list to the run folder's metrics files after every epoch.
 """
 
@@ -56,11 +59,14 @@ class AvgStatsCallback(Callback):
     def __init__(self, metrics: Mapping[str, Metric] | None = None):
         self.metrics = dict({"accuracy": accuracy} if metrics is None else metrics)
         self.train, self.valid = RunningAverage(), RunningAverage()
-        self.start = 0.0
+        self.start = self.train_wait = 0.0
 
     def before_epoch(self, learn) -> None:
         self.train, self.valid = RunningAverage(), RunningAverage()
-        self.start = time.perf_counter()
+        self.start, self.train_wait = time.perf_counter(), 0.0
+
+    def after_train(self, learn) -> None:
+        self.train_wait = learn.data_wait
 
     def after_loss(self, learn) -> None:
         with torch.no_grad():
@@ -75,7 +81,10 @@ class AvgStatsCallback(Callback):
             row[f"train_{name}"] = None if train is None else train[i]
         for i, name in enumerate(names):
             row["valid_loss" if name == "loss" else name] = None if valid is None else valid[i]
-        row["seconds"] = round(time.perf_counter() - self.start, 3)
+        seconds = time.perf_counter() - self.start
+        row["seconds"] = round(seconds, 3)
+        row["data_wait"] = round(self.train_wait, 3)
+        row["images_per_s"] = round(self.train.count / seconds, 1) if seconds > 0 else None
         learn.history.append(row)
 
 
