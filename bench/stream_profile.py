@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/stream_profile.py sweep [--batch-sizes 32 64 128 256] [--per-call 1]
     .venv/bin/python bench/stream_profile.py sweep --batch-sizes 64 --per-call 1 2 4
-    .venv/bin/python bench/stream_profile.py shares [--seconds 16]
+    .venv/bin/python bench/stream_profile.py shares [--seconds 16] [--per-call 1] [--actors 3]
 
 Uses `bench/stream_bench.py`'s images and shards (`--work`, made there if missing; `--images`),
 128 px uint8 batches, all cores, the default number of actors.
@@ -82,14 +82,16 @@ def process_kind(proc: psutil.Process, actor_pids: set[int], me: int) -> str:
     return "other Ray worker" if "default_worker" in line else "other"
 
 
-def shares(work: Path, seconds: float, warmup: float) -> None:
+def shares(work: Path, seconds: float, warmup: float, per_call: int | None,
+           actors: int | None) -> None:
     """Per-process CPU over `seconds` of a stream kept running in a thread."""
     from pipeline.stream import ShardStream, ensure_ray
 
     ensure_ray()
     stop = threading.Event()
     counted = [0]
-    with ShardStream(work / "shards4", "train", batch_size=64, size=SIZE) as stream:
+    with ShardStream(work / "shards4", "train", batch_size=64, size=SIZE,
+                     batches_per_call=per_call, num_actors=actors) as stream:
         actor_pids = set(stream.actor_pids())
 
         def consume() -> None:
@@ -141,17 +143,19 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/tench-stream-bench"))
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128, 256])
-    parser.add_argument("--per-call", type=int, nargs="+", default=[1],
-                        help="batches per actor call (one Ray object)")
+    parser.add_argument("--per-call", type=int, nargs="+", default=None,
+                        help="batches per actor call (one Ray object); sweep: default 1, "
+                             "shares: default the stream's (~12 MB), the first value given")
+    parser.add_argument("--actors", type=int, default=None, help="shares: actors (default: cores)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=16.0)
     parser.add_argument("--warmup", type=float, default=8.0)
     args = parser.parse_args()
     prepare(args.work, args.images)
     if args.what == "sweep":
-        sweep(args.work, args.batch_sizes, args.per_call, args.rounds)
+        sweep(args.work, args.batch_sizes, args.per_call or [1], args.rounds)
     else:
-        shares(args.work, args.seconds, args.warmup)
+        shares(args.work, args.seconds, args.warmup, (args.per_call or [None])[0], args.actors)
     return 0
 
 
