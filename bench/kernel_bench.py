@@ -11,8 +11,8 @@ mean time per call. Sections:
   PCG64 vs a fresh `default_rng`), the JPEG size check (`jpeg_size` vs `Image.open`), the
   batch copy in `to_batch` (plain vs transposing);
 - decode: torchvision's JPEG operator called directly vs through `decode_jpeg`, and images/s
-  per core for PIL vs torchvision, alone and with a resize of the shorter side to 128
-  (PNG through PIL and through torchvision);
+  per core for PIL vs torchvision, alone and with a resize of the shorter side to 128; a
+  1280x960 JPEG decoded in full vs in draft mode; PNG through PIL and through torchvision;
 - reader: per image, the stages of `ShardReader` in-process: tar parsing and sample
   grouping, decode (JPEG, PNG, the mix), the training transforms; and `tarfile` per member.
 """
@@ -143,6 +143,23 @@ def decode_rows(jpegs: list[bytes], pngs: list[bytes], rounds: int) -> None:
     row("JPEG size check: jpeg_size (header walk)", us_per_item(jpeg_size, jpegs, rounds))
     row("JPEG size check: PIL Image.open(...).size", us_per_item(
         lambda d: Image.open(io.BytesIO(d)).size, jpegs, rounds))
+    # a large JPEG (an upscaled sample image, quality 90) for draft mode
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpegs[0])).convert("RGB").resize((1280, 960)).save(
+        buffer, "JPEG", quality=90)
+    big = buffer.getvalue()
+
+    def shorter_128(image: np.ndarray) -> np.ndarray:
+        return kernels.resize(image, *kernels.shorter_side_size(*image.shape[:2], 128))
+
+    row("1280x960 JPEG: full decode (torchvision)", us_per_call(
+        lambda: decode_image(big, "jpg"), 20, rounds))
+    row("1280x960 JPEG: draft decode for a 128 px target (PIL, 1/4)", us_per_call(
+        lambda: decode_image(big, "jpg", 128), 20, rounds))
+    row("1280x960 JPEG: full decode + resize to 128", us_per_call(
+        lambda: shorter_128(decode_image(big, "jpg")), 20, rounds))
+    row("1280x960 JPEG: draft decode + resize to 128", us_per_call(
+        lambda: shorter_128(decode_image(big, "jpg", 128)), 20, rounds))
     if pngs:
         row("PNG: PIL (tench)", us_per_item(lambda d: decode_image(d, "png"), pngs, rounds))
         row("PNG: torchvision decode_png", us_per_item(
