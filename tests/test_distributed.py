@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline.batch import Batch
 from shards.format import read_meta
@@ -114,12 +115,15 @@ class PerWorkerBatchNorm(torch.nn.Module):
         if not self.training:
             return self.inner(x)
         chunks = x.chunk(self.parts)
-        outs = [self.inner(chunks[0])]
-        rank0 = {name: b.clone() for name, b in self.inner.named_buffers()}
+        outs = [self.inner(chunks[0])]  # updates the running statistics kept
+        norms = [m for m in self.inner.modules() if isinstance(m, _BatchNorm)]
+        kept = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in norms]
+        for m in norms:  # the other parts update copies (autograd saved the originals)
+            m.running_mean, m.running_var = m.running_mean.clone(), m.running_var.clone()
+            m.num_batches_tracked = m.num_batches_tracked.clone()
         outs += [self.inner(chunk) for chunk in chunks[1:]]
-        with torch.no_grad():
-            for name, b in self.inner.named_buffers():
-                b.copy_(rank0[name])
+        for m, (mean, var, count) in zip(norms, kept, strict=True):
+            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
         return torch.cat(outs)
 
 
@@ -148,11 +152,12 @@ def train_on_the_global_batches(result: dict, run_key: str, record_key: str,
     return trained, model.state_dict(), start
 
 
-def assert_same_weights(trained: dict, reference: dict, start: dict) -> None:
+def assert_same_weights(trained: dict, reference: dict, start: dict, rtol: float = 1e-4,
+                        atol: float = 1e-5) -> None:
     assert trained.keys() == reference.keys()
     assert sum(not torch.equal(start[k], v) for k, v in reference.items()) >= 4  # it trained
     for name, value in reference.items():
-        torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(trained[name], value, rtol=rtol, atol=atol, msg=name)
 
 
 def test_two_workers_equal_one_worker_with_the_global_batch(two_workers):
@@ -170,11 +175,14 @@ def test_with_batchnorm_each_worker_normalises_its_own_part(two_workers):
     trained, per_worker, start = train_on_the_global_batches(result, "bn_summary", "bn_record",
                                                              per_worker_bn=True)
     assert any("running_mean" in k for k in trained)  # the model has BatchNorm
-    assert_same_weights(trained, per_worker, start)
+    # Weights move ~1e-2 in this run; DDP's reduction order, through Adam and BatchNorm,
+    # leaves ~1e-5 of float difference (measured), the wrong kind of BatchNorm ~1e-2.
+    tolerance = {"rtol": 1e-3, "atol": 1e-4}
+    assert_same_weights(trained, per_worker, start, **tolerance)
     # ...and that is not one process with batch N*B: its BatchNorm sees all 2B samples
     trained, global_bn, _ = train_on_the_global_batches(result, "bn_summary", "bn_record",
                                                         per_worker_bn=False)
-    assert any(not torch.allclose(trained[k], v, rtol=1e-3, atol=1e-4)
+    assert any(not torch.allclose(trained[k], v, **tolerance)
                for k, v in global_bn.items() if v.is_floating_point())
 
 
