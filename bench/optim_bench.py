@@ -7,11 +7,13 @@ median round is reported, because other processes share this machine's CPU.
 
     .venv/bin/python bench/optim_bench.py                 # CPU
     .venv/bin/python bench/optim_bench.py --device cuda   # GPU
+    .venv/bin/python bench/optim_bench.py --threads 1 --rounds 3 --faults  # + page faults
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -171,6 +173,19 @@ def time_steps(steppers: dict[str, Callable[[], None]], steps: int, rounds: int,
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def faults_per_step(steppers: dict[str, Callable[[], None]], steps: int) -> dict[str, float]:
+    """Minor page faults per step of each implementation (this process, after a warm-up):
+    memory freed to the OS and touched again each step shows here."""
+    out = {}
+    for name, step in steppers.items():
+        step()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(steps):
+            step()
+        out[name] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+    return out
+
+
 def fwd_bwd_ms(device: str, reps: int = 3) -> float:
     """Context: one forward+backward of the course CNN, batch 64 at 128 px."""
     model = course_cnn().to(device)
@@ -191,6 +206,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--faults", action="store_true",
+                        help="also minor page faults per step (CPU), a row per implementation")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -211,6 +228,10 @@ def main() -> None:
             print(f"{set_name:<11} {algorithm:<13} {ms['tench']:8.3f} {ms['torch foreach']:8.3f} "
                   f"{ms['torch single']:8.3f} {ms['loop']:8.3f} {ms['tench 1-chunk']:8.3f}  "
                   f"{ms['tench'] / best:16.2f} {ms['tench'] / ms['loop']:10.2f}")
+            if args.faults:
+                faults = faults_per_step(steppers, steps)
+                print(f"{'':<11} {'page faults':<13} " + ", ".join(
+                    f"{name} {count:,.0f}" for name, count in faults.items()))
             del steppers
         n = sum(p.numel() for p in shapes)
         print(f"{'':<11} ({len(shapes)} tensors, {n / 1e6:.2f}M params)")

@@ -7,17 +7,23 @@
    fed by the same ShardStream, to show the stream keeps up.
 
     .venv/bin/python bench/train_bench.py [--shards DIR] [--per-class 100] [--size 64]
+        [--batches 40] [--rounds 15] [--overhead-only]
+
+The overhead is the median over interleaved rounds of (Learner ms / bare ms), printed with the
+rounds' spread (IQR, min-max) and whether it is larger than that spread.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,31 +65,69 @@ def bare_epoch(model, opt, batches, mean, std, sched, pos0, n_total) -> None:
         opt.step()
 
 
-def time_in_memory(config: FitConfig, streams: DataPair, n_batches: int, rounds: int):
-    batches = InMemory(b for _, b in zip(range(n_batches), streams.train, strict=False))
+def time_in_memory(config: FitConfig, streams: DataPair, n_batches: int, rounds: int) -> dict:
+    """ms per batch of the Learner and the bare loop, one epoch of `n_batches` each per round.
+
+    Both are built and warmed up once; the rounds interleave them, the one going first
+    alternating, so a slow spell of a shared machine hits both. Returns the per-round figures.
+    """
+    batches = InMemory()
+    for epoch in range(n_batches):  # as many epochs of the stream as make n_batches
+        streams.train.set_epoch(epoch)
+        batches += list(zip(range(n_batches - len(batches)), streams.train, strict=False))
+        if len(batches) == n_batches:
+            break
+    batches[:] = [b for _, b in batches]
     batches.vocab, batches.stats = streams.train.vocab, streams.train.stats
     stats = streams.train.stats
     mean = torch.tensor([m * 255 for m in stats["mean"]]).view(1, 3, 1, 1)
     std = torch.tensor([s * 255 for s in stats["std"]]).view(1, 3, 1, 1)
     sched = one_cycle(config.lr)
-    results = {"learner": [], "bare": []}
-    for _ in range(rounds):  # interleaved, best of `rounds`
-        learn = make_learner(config, DataPair(batches, None), is_main=False)
-        learn.add_cbs([Recorder()])
-        learn.fit(1, cbs=[ParamScheduler(sched)])  # warm-up (allocations, first-call costs)
-        start = time.perf_counter()
-        learn.fit(1, cbs=[ParamScheduler(sched)])
-        results["learner"].append((time.perf_counter() - start) / len(batches) * 1000)
+    learn = make_learner(config, DataPair(batches, None), is_main=False)
+    learn.add_cbs([Recorder()])
+    torch.manual_seed(config.seed)
+    model = create_model(config.arch, len(streams.train.vocab)).to(
+        memory_format=torch.channels_last)
+    opt = make_opt_func(config)(model.parameters(), lr=config.lr)
 
-        torch.manual_seed(config.seed)
-        model = create_model(config.arch, len(streams.train.vocab)).to(
-            memory_format=torch.channels_last)
-        opt = make_opt_func(config)(model.parameters(), lr=config.lr)
+    def run_learner() -> None:
+        learn.fit(1, cbs=[ParamScheduler(sched)])
+
+    def run_bare() -> None:
         bare_epoch(model, opt, batches, mean, std, sched, 0, len(batches))
-        start = time.perf_counter()
-        bare_epoch(model, opt, batches, mean, std, sched, 0, len(batches))
-        results["bare"].append((time.perf_counter() - start) / len(batches) * 1000)
-    return {k: min(v) for k, v in results.items()}
+
+    runs = {"learner": run_learner, "bare": run_bare}
+    for run in runs.values():  # warm-up: allocations, first-call costs
+        run()
+    results: dict[str, list[float]] = {"learner": [], "bare": []}
+    for i in range(rounds):
+        for name in (("learner", "bare") if i % 2 == 0 else ("bare", "learner")):
+            start = time.perf_counter()
+            runs[name]()
+            results[name].append((time.perf_counter() - start) / len(batches) * 1000)
+    return results
+
+
+def overhead_report(results: dict[str, list[float]]) -> str:
+    """The Learner's overhead as the median of the per-round ratios, with their spread."""
+    ratios = sorted(a / b for a, b in zip(results["learner"], results["bare"], strict=True))
+    q1, median, q3 = (float(np.percentile(ratios, q)) for q in (25, 50, 75))
+    lines = [
+        f"ms / batch (in memory), median of {len(ratios)} rounds: tench Learner "
+        f"{np.median(results['learner']):.1f}, bare loop {np.median(results['bare']):.1f}",
+        f"Learner overhead: {median - 1:+.1%} (median per-round ratio {median:.3f}; "
+        f"IQR {q1:.3f}-{q3:.3f}, min-max {ratios[0]:.3f}-{ratios[-1]:.3f})",
+    ]
+    if q1 > 1:
+        verdict = "larger than the spread: the Learner was slower in 3 of 4 rounds or more"
+    elif q3 < 1:
+        verdict = "negative beyond the spread: the bare loop was slower (a noisy machine?)"
+    else:
+        verdict = "NOT larger than the spread (the IQR straddles 1): run more rounds/batches"
+    lines.append(f"  the overhead is {verdict}; ≤ 5% target "
+                 + ("met" if q3 <= 1.05 else "met at the median only" if median <= 1.05
+                    else "missed"))
+    return "\n".join(lines)
 
 
 def end_to_end(config: FitConfig, streams: DataPair, epochs: int) -> dict:
@@ -122,9 +166,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--arch", default="cnn")
-    parser.add_argument("--batches", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=40, help="batches per timed epoch")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median)")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the in-memory overhead, not the ShardStream-fed run")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="train_bench_data_"))
     try:
@@ -138,20 +184,21 @@ def main() -> None:
         streams = make_streams(config)
         try:
             mem = time_in_memory(config, streams, args.batches, args.rounds)
-            e2e = end_to_end(config, streams, args.epochs)
+            e2e = None if args.overhead_only else end_to_end(config, streams, args.epochs)
         finally:
             close_streams(streams)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n{args.arch}, {args.size}px, batch size {args.batch_size}, "
-          f"{torch.get_num_threads()} torch threads, best of {args.rounds}")
-    print(f"{'':32}{'tench Learner':>15}{'bare loop':>12}{'ratio':>8}")
-    print(f"{'ms / batch (in memory)':32}{mem['learner']:>15.1f}{mem['bare']:>12.1f}"
-          f"{mem['learner'] / mem['bare']:>8.3f}")
-    print(f"{'images/s (stream, train+valid)':32}{e2e['fit_images_s']:>15.0f}"
-          f"{e2e['bare_images_s']:>12.0f}{e2e['bare_images_s'] / e2e['fit_images_s']:>8.3f}")
-    print(f"tench fit: {args.epochs} epochs in {e2e['fit_total_s']:.1f}s with start-up, "
-          f"validation and checkpoints; accuracy {e2e['accuracy']:.1%}")
+          f"{torch.get_num_threads()} torch threads, {args.batches} batches x {args.rounds} "
+          f"rounds, load average {os.getloadavg()[0]:.1f}")
+    print(overhead_report(mem))
+    if e2e is not None:
+        print(f"images/s (stream, train+valid): tench fit {e2e['fit_images_s']:.0f}, "
+              f"bare loop {e2e['bare_images_s']:.0f} "
+              f"(bare/tench {e2e['bare_images_s'] / e2e['fit_images_s']:.3f})")
+        print(f"tench fit: {args.epochs} epochs in {e2e['fit_total_s']:.1f}s with start-up, "
+              f"validation and checkpoints; accuracy {e2e['accuracy']:.1%}")
 
 
 if __name__ == "__main__":

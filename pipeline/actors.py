@@ -65,8 +65,9 @@ def use_ray_thread_count() -> None:
 
     Ray sets it to the task's or actor's CPUs (1 by default), but torch reads it only when
     it is imported, which a worker that preloaded torch (`pipeline.ray_setup.PRELOAD_MODULES`)
-    did before Ray set it: two threads per actor with an actor per core made the stream 5x
-    slower. Unset (a plain process using `ShardReader` directly): torch is left alone.
+    did before Ray set it: two threads per actor with an actor per core made the stream
+    several times slower. Unset (a plain process using `ShardReader` directly): torch is
+    left alone.
     """
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if threads.isdigit() and int(threads) > 0:
@@ -77,9 +78,9 @@ class ItemRandom:
     """Randomness for one item, fixed by `(seed, epoch, key)`, independent of actor and timing.
 
     Calling it re-seeds one PCG64 generator from a hash of the three and returns it: ~2 us,
-    where a fresh `default_rng` per item cost ~9 us (its seed hashing). The generator is
-    the same object every call, valid until the next one; a transform draws from it during
-    its own call and keeps nothing.
+    where a fresh `default_rng` per item cost ~9 us (its seed hashing; both printed by
+    `bench/kernel_bench.py`). The generator is the same object every call, valid until the
+    next one; a transform draws from it during its own call and keeps nothing.
     """
 
     def __init__(self):
@@ -160,7 +161,8 @@ class ShardReader:
 
         Several batches per call because Ray's cost is per object (the raylet's plasma
         work, the caller's `ray.get`), not per byte: on 2 cores, 64-image batches of
-        128 px streamed 3,100 images/s one per object and 3,340 four per object.
+        128 px streamed 3,100 images/s one per object and 3,340 four per object
+        (`bench/stream_profile.py sweep --batch-sizes 64 --per-call 1 4`).
         """
         if token != self._token:
             raise StaleRequest(f"batch request for task {token}, running {self._token}")

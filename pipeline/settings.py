@@ -18,7 +18,8 @@ PLACEMENTS = ("local", "spread")
 # Ray's cost per returned object (the raylet's plasma work, the driver's `ray.get`) is what
 # limits a stream of small batches, so by default an actor returns as many batches per call
 # as make an object of about this size (measured on 2 cores, 64 x 128 px batches: 3,100
-# images/s at one 3 MB batch per object, 3,380 at 6 MB, 3,450 at 12 MB).
+# images/s at one 3 MB batch per object, 3,380 at 6 MB, 3,450 at 12 MB; printed by
+# `bench/stream_profile.py sweep --batch-sizes 64 --per-call 1 2 4`).
 CALL_BYTES = 12 << 20
 MAX_BATCHES_PER_CALL = 8
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from shards.sample import make_sample
 from shards.sharder import shard_folder
 from trainer.callbacks import Callback
 from trainer.config import FitConfig
+from trainer.run_dir import RAY_RUN_NAME
 
 
 class RecordBatches(Callback):
@@ -54,18 +54,41 @@ class Recorder:
         return [RecordBatches(self.folder, rank)]
 
 
-class KillOnce(Callback):
-    """Kill this worker process at one batch of one epoch, once (a marker file remembers)."""
+def wait_for_checkpoint(run_dir: Path, epoch: int, timeout: float = 180) -> None:
+    """Wait until Ray Train's controller has registered the checkpoint of `epoch`.
 
-    def __init__(self, marker: str, epoch: int, batch: int):
-        self.marker, self.epoch, self.batch = Path(marker), epoch, batch
+    Workers hand checkpoints over with `ray.train.report`; the controller collects them by
+    polling, and once it has registered one it rewrites `checkpoint_manager_snapshot.json`
+    in the run's storage folder (Ray Train v2; the folder is in tench's `ray_run.json`).
+    A failure before that would resume from an older checkpoint, so the fault waits for it.
+    """
+    record = json.loads((run_dir / RAY_RUN_NAME).read_text())
+    snapshot = Path(record["storage"]) / record["name"] / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+        except (FileNotFoundError, json.JSONDecodeError):  # not yet, or half written
+            latest = {}
+        if latest.get("metrics", {}).get("epoch", -1) >= epoch:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{snapshot}: Ray Train registered no checkpoint of epoch {epoch} "
+                       f"within {timeout:.0f}s")
+
+
+class KillOnce(Callback):
+    """Kill this worker process at one batch of one epoch, once (a marker file remembers),
+    after Ray Train has registered the previous epoch's checkpoint."""
+
+    def __init__(self, marker: str, run_dir: str, epoch: int, batch: int):
+        self.marker, self.run_dir = Path(marker), Path(run_dir)
+        self.epoch, self.batch = epoch, batch
 
     def after_batch(self, learn) -> None:
         if (learn.training and learn.epoch == self.epoch and learn.iter == self.batch
                 and not self.marker.exists()):
-            # Ray Train's controller collects reports by polling: give it a moment to see
-            # the previous epoch's checkpoint (a real failure comes minutes into an epoch).
-            time.sleep(3)
+            wait_for_checkpoint(self.run_dir, self.epoch - 1)
             self.marker.write_text(str(os.getpid()))
             os._exit(1)
 
@@ -85,14 +108,18 @@ class RecordWithFault(Recorder):
 class NodeLoss(Callback):
     """At one batch of one epoch, ask the scenario to remove this rank's node, once.
 
-    Each rank writes the id of the node it runs on to `folder/request-rank{r}.txt` and
-    waits there; the scenario removes one of those nodes (`Cluster.remove_node`, which
-    kills its raylet and every process on it) and writes `folder/removed.txt`, which
-    releases the rank that survived and keeps the redone epoch from asking again.
+    Each rank waits for Ray Train to register the previous epoch's checkpoint, writes the id
+    of its node and its pid to `folder/request-rank{r}.txt` and waits; the scenario removes
+    one of those nodes (`Cluster.remove_node`: its raylet and Ray's processes go, nothing
+    signals the training process) and writes the node's id to `folder/removed.txt`. A rank
+    on another node then goes on; a rank on the removed node never does: only the node's
+    loss can end it (it gives up after `patience` seconds, leaving `folder/survived.txt`).
     """
 
-    def __init__(self, folder: str, epoch: int, batch: int):
-        self.folder, self.epoch, self.batch = Path(folder), epoch, batch
+    def __init__(self, folder: str, run_dir: str, epoch: int, batch: int,
+                 patience: float = 240):
+        self.folder, self.run_dir = Path(folder), Path(run_dir)
+        self.epoch, self.batch, self.patience = epoch, batch, patience
 
     def after_batch(self, learn) -> None:
         import ray
@@ -101,33 +128,45 @@ class NodeLoss(Callback):
         removed = self.folder / "removed.txt"
         if (learn.training and learn.epoch == self.epoch and learn.iter == self.batch
                 and not removed.exists()):
-            time.sleep(3)  # let Ray Train's controller see the previous epoch's checkpoint
+            wait_for_checkpoint(self.run_dir, self.epoch - 1)
             node = ray.get_runtime_context().get_node_id()
             rank = ray.train.get_context().get_world_rank()
             (self.folder / f"request-rank{rank}.txt").write_text(f"{node} {os.getpid()}")
-            deadline = time.monotonic() + 120
-            while not removed.exists() and time.monotonic() < deadline:
+            deadline = time.monotonic() + self.patience
+            while time.monotonic() < deadline:
+                if removed.exists() and removed.read_text() not in ("", node):
+                    return  # another node went: carry on (DDP then waits on the lost rank)
                 time.sleep(0.2)
+            (self.folder / "survived.txt").write_text(f"{node} {os.getpid()}")
+            os._exit(1)
 
 
 def remove_a_training_node(cluster, folder: Path, result: dict) -> None:
-    """Wait for the ranks' requests, then remove a worker node that runs one of them."""
+    """Wait for the ranks' requests, remove a worker node that runs one of them, then see
+    whether the training process on it ended without any signal from here."""
+    import psutil
+
     head = cluster.head_node.node_id
     nodes = {node.node_id: node for node in cluster.worker_nodes}
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         asked = [p.read_text().split() for p in sorted(folder.glob("request-rank*.txt"))]
-        victims = [n for n, _ in reversed(asked) if n != head and n in nodes]
+        victims = [(n, int(pid)) for n, pid in reversed(asked) if n != head and n in nodes]
         if victims:
-            victim = victims[0]
+            victim, pid = victims[0]
+            removed_at = time.monotonic()
             cluster.remove_node(nodes[victim], allow_graceful=False)
-            # A lost machine takes its processes with it at once; Ray's workers would only
-            # notice their raylet is gone a while later (and might finish the epoch first).
-            for node, pid in asked:
-                if node == victim:
-                    os.kill(int(pid), signal.SIGKILL)
-            result["removed_node"] = victim
             (folder / "removed.txt").write_text(victim)
+            result.update(removed_node=victim, victim_pid=pid)
+            while time.monotonic() - removed_at < 240:
+                try:
+                    alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    alive = False
+                if not alive:
+                    result["victim_gone_after_s"] = round(time.monotonic() - removed_at, 1)
+                    break
+                time.sleep(0.2)
             return
         time.sleep(0.2)
 
@@ -214,6 +253,11 @@ def main(scenario: str, work: Path) -> None:
                                                    shards=os.path.relpath(shards)),
                                       spread2, Recorder(str(record)))
             result.update(summary=summary, record=str(record))
+            # the same run with BatchNorm (`cnn`): each worker normalises its own part
+            bn_record = work / "record_bn"
+            bn = run_distributed(base.replace(out=str(work / "run_bn"), arch="cnn"), spread2,
+                                 Recorder(str(bn_record)))
+            result.update(bn_summary=bn, bn_record=str(bn_record))
             from_s3 = run_distributed(base.replace(out=str(work / "run_s3"), shards=s3_url),
                                       spread2)
             result.update(s3_summary=from_s3, s3_url=s3_url)
@@ -221,8 +265,9 @@ def main(scenario: str, work: Path) -> None:
         elif scenario == "kill_worker":
             record = work / "record_kill"
             marker = work / "killed.txt"
-            kill = KillOnce(str(marker), epoch=1, batch=1)
-            summary = run_distributed(base.replace(out=str(work / "run_kill")), spread2,
+            run = work / "run_kill"
+            kill = KillOnce(str(marker), str(run), epoch=1, batch=1)
+            summary = run_distributed(base.replace(out=str(run)), spread2,
                                       RecordWithFault(str(record), kill, ranks=(1,)))
             result.update(summary=summary, record=str(record), killed=marker.is_file())
         elif scenario == "remove_node":
@@ -233,11 +278,13 @@ def main(scenario: str, work: Path) -> None:
             watcher = threading.Thread(target=remove_a_training_node,
                                        args=(cluster, requests, result), daemon=True)
             watcher.start()
-            loss = NodeLoss(str(requests), epoch=1, batch=1)
-            summary = run_distributed(base.replace(out=str(work / "run_node")), spread2,
+            run = work / "run_node"
+            loss = NodeLoss(str(requests), str(run), epoch=1, batch=1)
+            summary = run_distributed(base.replace(out=str(run)), spread2,
                                       RecordWithFault(str(record), loss, ranks=(0, 1)))
-            watcher.join(timeout=1)
-            result.update(summary=summary, record=str(record))
+            watcher.join(timeout=60)
+            result.update(summary=summary, record=str(record),
+                          survived=(requests / "survived.txt").is_file())
         elif scenario == "submit":
             result.update(submit(work, shards, cluster.address))
         else:

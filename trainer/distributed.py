@@ -3,8 +3,9 @@
 Each worker builds its rank's part of the streams (`make_streams(config, rank, world_size)`:
 disjoint, equal-length parts of every epoch), the same seeded model (`make_learner`), and
 wraps the model with `ray.train.torch.prepare_model` (DDP: gloo on CPU, NCCL on GPU), so
-every step averages the gradients of all workers: N workers with batch size `B` train
-like one process with batch size `N * B`.
+every step averages the gradients of all workers. Without BatchNorm, N workers with batch
+size `B` train like one process with batch size `N * B`; with BatchNorm each worker normalises
+its own `B` samples, and the running statistics kept are rank 0's (DDP broadcasts them).
 
 - Metrics: the loss/metric sums and counts of every epoch are all-reduced before they
   become a row of `learn.history`, so the figures rank 0 prints and logs are global.
