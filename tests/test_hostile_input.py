@@ -227,3 +227,27 @@ def test_a_skipped_symlink_to_a_secret_records_the_kind_of_problem_not_its_bytes
     assert entry["reason"].startswith("not an image: ")
     text = (tmp_path / "out" / "meta.json").read_text()
     assert "TOPSEC" not in text and "TOPSEC" not in entry["reason"]
+
+
+def test_fit_on_a_damaged_shard_says_one_sentence_and_no_traceback(tmp_path):
+    """Issue #12 item 7: `tench fit` meeting a damaged sample mid-run prints one line naming
+    the shard and the sample, exits 1, and --debug adds the traceback."""
+    import subprocess
+    import sys
+
+    shard_set = make_shards(tmp_path / "shards", {"train": 24, "valid": 8}, samples_per_shard=24,
+                            image_size=(40, 36), noise=True)
+    name = shard_set.meta["splits"]["train"]["shards"][0]["name"]
+    key, _ = _flip_inside_a_jpeg(shard_set.folder, name)
+    command = [sys.executable, "-m", "trainer.cli", "fit", str(shard_set.folder), "--out",
+               str(tmp_path / "run"), "--epochs", "1", "--size", "16", "--arch", "cnn",
+               "--batch-size", "8"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("tench fit:")]
+    assert len(lines) == 1 and name in lines[0] and key in lines[0] and "damaged" in lines[0]
+    assert "Traceback" not in done.stderr
+    debug = subprocess.run([*command, "--force", "--debug"], capture_output=True, text=True,
+                           timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

@@ -143,3 +143,18 @@ def test_fit_flags_actors_batch_size_and_placement(capsys):
         parser.parse_args(["s", "--out", "r", "--placement", "SPREAD"])
     with pytest.raises(ValueError, match="placement must be one of"):
         ClusterOptions(placement="PACK")
+
+
+def test_a_killed_writers_partial_files_are_removed_at_resume_and_force(tmp_path):
+    """Issue #12 item 8: `.last.pt.<pid>.partial` left by a kill does not survive the next
+    start; files that are not the run's own stay."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_text("x")
+    leftovers = [run / ".last.pt.4242.partial", run / ".metrics.json.17.partial"]
+    for path in leftovers:
+        path.write_text("half")
+    (run / ".notes.txt.1.partial").write_text("not tench's")
+    prepare_run_dir(FitConfig(out=str(run), resume=True))
+    assert not any(p.exists() for p in leftovers)
+    assert (run / "last.pt").exists() and (run / ".notes.txt.1.partial").exists()

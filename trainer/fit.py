@@ -14,10 +14,11 @@ import argparse
 import dataclasses
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from pipeline.ray_setup import RayJoinError
-from pipeline.source import ShardSource
+from pipeline.source import ShardReadError, ShardSource
 from trainer.build import (
     close_streams,
     first_float_batch,
@@ -170,6 +171,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start over in a non-empty RUN_DIR (replaces tench's files there)")
     parser.add_argument("--address", default=s, help="Ray cluster to join (e.g. auto)")
     parser.add_argument("--device", default=s, help="cpu, cuda, cuda:1 (default: CUDA if present)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error, not just its sentence")
     add_cluster_arguments(parser)  # --num-workers etc. (Ray Train)
 
 
@@ -205,5 +208,11 @@ def main(args: argparse.Namespace) -> int:
     except (FitError, CheckpointError, RayJoinError, ValueError, FileNotFoundError) as e:
         print(f"tench fit: {e}", file=sys.stderr)
         return 2
+    except (ShardReadError, OSError) as e:  # damaged or unreachable data found mid-run
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"tench fit: {e} (last.pt keeps the last completed epoch: --resume continues "
+              "from it once the data is fixed)", file=sys.stderr)
+        return 1
     print(summary_line(summary))
     return 0

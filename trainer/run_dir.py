@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from shards.atomic import atomic_open, atomic_write_text
+from shards.atomic import TMP_SUFFIX, atomic_open, atomic_write_text
 from trainer.config import FitConfig, FitError
 from trainer.models import create_model
 
@@ -71,7 +71,19 @@ def prepare_run_dir(config: FitConfig) -> Path:
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(run_dir)
     return run_dir
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete the temporary files a killed writer left (`.last.pt.<pid>.partial`, ...): only
+    those of the run's own file names, so nothing else in RUN_DIR is touched."""
+    gone = []
+    for name in RUN_FILES:
+        for path in run_dir.glob(f".{name}.*{TMP_SUFFIX}"):
+            path.unlink(missing_ok=True)
+            gone.append(path)
+    return gone
 
 
 def write_config(run_dir: str | Path, config: FitConfig) -> Path:
