@@ -242,7 +242,7 @@ def main(scenario: str, work: Path) -> None:
     # remove_node: a third worker node, so the cluster still fits 2 workers after losing one
     cluster, _ = start_cluster(3 if scenario == "remove_node" else 2)
     base = FitConfig(shards=str(shards), arch="cnn_nobn", epochs=2, batch_size=7, lr=3e-3,
-                     size=32, actors=1, opt="adam")
+                     size=32, actors=1, opt="adam", lsuv=False)
     result: dict = {"shards": str(shards)}
     try:
         if scenario == "two_workers":

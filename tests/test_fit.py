@@ -194,7 +194,8 @@ def test_nan_mid_run_keeps_the_last_good_checkpoint(data, ray_local):
     """Epoch 0 trains at a sane lr, then the lr jumps to 1e6 and the loss turns NaN."""
     run = data / "nan_run"
     config = FitConfig(shards=str(data / "shards"), out=str(run), epochs=3, batch_size=16,
-                       size=32, actors=1, opt="sgd", lr=1e-2)
+                       size=32, actors=1, opt="sgd", lr=1e-2,
+                       arch="cnn", lsuv=False)
     streams = make_streams(config)
     try:
         learn = make_learner(config, streams, run, is_main=False)
@@ -213,7 +214,8 @@ def test_nan_mid_run_keeps_the_last_good_checkpoint(data, ray_local):
 def test_a_last_training_batch_of_one_is_dropped_not_a_batchnorm_crash(data, ray_local):
     """60 training images at bs 59 would end each epoch on one sample, which BatchNorm refuses."""
     config = FitConfig(shards=str(data / "shards"), out=str(data / "bs59"), epochs=1,
-                       batch_size=59, size=32, actors=1, opt="adam", lr=1e-3)
+                       batch_size=59, size=32, actors=1, opt="adam", lr=1e-3,
+                       arch="cnn", lsuv=False)
     streams = make_streams(config)
     try:
         assert streams.train.num_samples == 60 and len(streams.train) == 1

@@ -188,7 +188,7 @@ def test_tench_fit_joins_a_ray_start_cluster(token_cluster, shards, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "trainer.cli", "fit", str(shards), "--out", str(out),
          "--address", token_cluster.address, "--epochs", "1", "--arch", "cnn", "--bs", "8",
-         "--size", "16", "--workers", "1", "--device", "cpu"],
+         "--size", "16", "--actors", "1", "--device", "cpu"],
         cwd=ROOT, env=token_cluster.client_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "model.pt").is_file()

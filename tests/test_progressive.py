@@ -86,7 +86,8 @@ def shards(tmp_path_factory):
 
 def config_for(shards, out) -> FitConfig:
     return FitConfig(shards=str(shards), out=str(out), epochs=EPOCHS, batch_size=8, size=32,
-                     size_start=16, device="cpu", seed=1)
+                     size_start=16, device="cpu", seed=1, arch="cnn", lsuv=False,
+                     lr=3e-3)
 
 
 @pytest.mark.ray

@@ -80,7 +80,8 @@ def test_fit_with_tta_records_and_prints_it(ray_local, tmp_path):
     make_sample(tmp_path / "images", per_class=3, valid_per_class=2, seed=0)
     shard_folder(tmp_path / "images", tmp_path / "shards", processes=1, progress=False)
     config = FitConfig(shards=str(tmp_path / "shards"), out=str(tmp_path / "run"), epochs=2,
-                       batch_size=8, size=32, tta=True, device="cpu")
+                       batch_size=8, size=32, tta=True, device="cpu", arch="cnn",
+                       lsuv=False, lr=3e-3)
     summary = run_fit(config)
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert "accuracy_tta" not in rows[0] and 0 <= rows[1]["accuracy_tta"] <= 1

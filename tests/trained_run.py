@@ -32,7 +32,8 @@ def train_tiny_run(root: str | Path, epochs: int = 2) -> TinyRun:
     shard_set = make_shards(root / "shards", COUNTS, image_size=(44, 38), seed=1)
     shards = shard_set.folder
     config = FitConfig(shards=str(shards), out=str(root / "run"), arch="cnn", epochs=epochs,
-                       batch_size=8, size=SIZE, actors=1, seed=0, lr=1e-2, device="cpu")
+                       batch_size=8, size=SIZE, actors=1, seed=0, lr=1e-2, device="cpu",
+                       lsuv=False)
     return TinyRun(shards, root / "run", run_fit(config), shard_set.labels)
 
 

@@ -35,10 +35,13 @@ class FitConfig:
 
     shards: str = ""
     out: str = ""
-    arch: str = "cnn"
-    epochs: int = 5
+    # The defaults are the recipe `./run demo` measures (README): a half-width one-block
+    # XResNet with LSUV and a one-cycle peak of 1e-2 took the demo's shapes from 40% (the
+    # course's CNN, 3e-3) to 95%+ in 12 epochs of 3,000 images at 64 px.
+    arch: str = "xresnet10_half"
+    epochs: int = 12
     batch_size: int = 64  # per process (data-parallel: per Ray Train worker)
-    lr: float | None = 3e-3  # None: pick it with the LR finder (lr_find=True)
+    lr: float | None = 1e-2  # None: pick it with the LR finder (lr_find=True)
     lr_find: bool = False
     opt: str = "adam"
     wd: float = 0.01
@@ -46,7 +49,7 @@ class FitConfig:
     size: int = 64  # the final training side, and validation's
     size_start: int | None = None  # progressive resizing from this side (trainer.callbacks.resize)
     tta: bool = False  # a last validation pass with test-time augmentation (accuracy_tta)
-    lsuv: bool = False
+    lsuv: bool = True  # LSUV init of a model trained from scratch (never of --init's weights)
     mixup: float = 0.0  # alpha; 0 = off
     label_smoothing: float = 0.0  # eps; 0 = plain cross-entropy
     actors: int | None = 1  # Ray actors per stream (decode + augment); None = the cluster's CPUs
@@ -90,8 +93,6 @@ class FitConfig:
             problems.append(f"freeze_epochs must be in [0, epochs], got {self.freeze_epochs}")
         if self.freeze_epochs and not self.init:
             problems.append("freeze_epochs needs init (a model to fine-tune)")
-        if self.init and self.lsuv:
-            problems.append("lsuv would re-initialise the weights init loads: use one")
         if problems:
             raise ValueError("invalid fit config: " + "; ".join(problems))
 

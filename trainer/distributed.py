@@ -186,12 +186,12 @@ def train_worker(loop_config: dict) -> None:
                 print(f"tench fit: resuming from the checkpoint of epoch {state['epoch']}; "
                       f"epoch {start_epoch} is redone from its first batch (whatever it had "
                       f"trained before the failure is discarded)", flush=True)
-        elif config.lsuv:  # every rank computes it; DDP then broadcasts rank 0's weights
-            lsuv_init(learn.model, first_float_batch(learn))
         elif config.init:  # every rank loads it (DDP would broadcast rank 0's anyway)
             report = load_init(learn.model, read_init_source(config.init), vocab, config.arch)
             if is_main:
                 print("\n".join(report.lines()), flush=True)
+        elif config.lsuv:  # every rank computes it; DDP then broadcasts rank 0's weights
+            lsuv_init(learn.model, first_float_batch(learn))
         learn.model = ray.train.torch.prepare_model(learn.model, move_to_device=False)
         cbs = [ReduceStats(), RayTrainReport(config, vocab, run_dir, is_main)]
         if is_main:

@@ -89,7 +89,7 @@ def run_fit(config: FitConfig) -> dict:
             if config.init:
                 report = load_init(learn.model, read_init_source(config.init), vocab, config.arch)
                 print("\n".join(report.lines()), flush=True)
-            if config.lsuv:
+            if config.lsuv and not config.init:  # never re-initialise loaded weights
                 lsuv_init(learn.model, first_float_batch(learn))
             if config.lr_find:
                 plot = run_dir / LR_FIND_PLOT_NAME
@@ -148,7 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--freeze-epochs", type=int, default=s, metavar="N",
                         help="with --init: the first N of --epochs train the head only, the "
                              "rest everything with discriminative lrs (fastai's fine_tune)")
-    parser.add_argument("--lsuv", action="store_true", default=s, help="LSUV initialisation")
+    parser.add_argument("--lsuv", action=argparse.BooleanOptionalAction, default=s,
+                        help=f"LSUV initialisation of a model trained from scratch (default "
+                             f"{'on' if d.lsuv else 'off'}; never applied to --init's weights)")
     parser.add_argument("--mixup", type=float, default=s, metavar="ALPHA",
                         help="MixUp with Beta(ALPHA, ALPHA) (default off)")
     parser.add_argument("--label-smoothing", type=float, default=s, metavar="EPS",
