@@ -157,3 +157,23 @@ def test_plan_pieces_are_short_runs():
             last, n = s.source, 0
         n += len(s)
     assert max(runs) <= 200 and np.mean(runs) > 10  # at most 3 pieces of A in a row (3:1)
+
+
+def test_fit_takes_several_data_sets_with_weights():
+    import argparse
+
+    from trainer.config import FitConfig
+    from trainer.fit import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["a", "b", "--weights", "3", "1", "--epoch-size", "100",
+                              "--out", "run"])
+    config = config_from_args(args)
+    assert (config.shards, config.more_shards) == ("a", ("b",))
+    assert (config.weights, config.epoch_size) == ((3.0, 1.0), 100)
+    assert FitConfig.from_dict(json.loads(config.to_json())) == config  # JSON round trip
+    with pytest.raises(ValueError, match="2 weights for 1"):
+        FitConfig(shards="a", weights=(1, 2))
+    with pytest.raises(ValueError, match="epoch_size needs weights"):
+        FitConfig(shards="a", epoch_size=5)
