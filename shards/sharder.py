@@ -35,6 +35,7 @@ from shards.blocks import (
 from shards.files import relative_path
 from shards.items import ImageList, LabeledData
 from shards.labels_csv import LabelsCsv, csv_splitter
+from shards.remote import is_url
 from shards.shard_plan import STATS_IMAGES, ShardError, relative
 from shards.shard_run import ON_ERROR, check_options, check_out
 from shards.vocab import Vocab, read_vocab
@@ -76,13 +77,14 @@ def shard_folder(
     or vocab JSON whose vocab labels these images (a label it lacks is an error naming it
     and a file). The rest: see `shards.shard_run.shard_data`.
     """
-    src, out = Path(src), Path(out)
+    src, out = Path(src), (out if is_url(out) else Path(out))
     if valid_pct is not None and not 0.0 < valid_pct < 1.0:
         raise ShardError(f"--valid-pct must be between 0 and 1 (a fraction), got {valid_pct}")
     check_options(shard_size=shard_size, max_count=max_count, max_size=max_size,
                   processes=processes, on_error=on_error, max_pixels=max_pixels)  # fmt: skip
     check_src(src)
-    check_out(out, src, force)  # before listing SRC: a mistyped OUT fails at once
+    if not is_url(out):  # object storage: checked when the run starts (shards.bucket)
+        check_out(out, src, force)  # before listing SRC: a mistyped OUT fails at once
     try:
         vocab = None if vocab_from is None else read_vocab(vocab_from)
     except ValueError as e:
@@ -223,7 +225,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", type=Path,
                         help="the image folder: train/<class>/ + val/<class>/ (ImageNet "
                              "layout), or any tree with the flags below")  # fmt: skip
-    parser.add_argument("out", metavar="OUT", type=Path, help="folder for the shards and meta.json")
+    parser.add_argument("out", metavar="OUT",
+                        help="folder for the shards and meta.json, or s3://bucket/prefix "
+                             "(standard AWS settings: AWS_ENDPOINT_URL, AWS_PROFILE, ...)")
     parser.add_argument("--label-regex", metavar="PATTERN", default=None,
                         help="label = the one (...) group of PATTERN in the file name")
     parser.add_argument("--labels-csv", metavar="FILE", type=Path, default=None,
