@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from itertools import islice
 
 import numpy as np
@@ -119,10 +119,13 @@ def shuffled(items: Iterable, buffer_size: int, rng: np.random.Generator | None)
 class ShardReader:
     """Streams one actor's share of each epoch as uint8 batches of the chain's size."""
 
-    def __init__(self, source: ShardSource, on_error: str = "fail", shuffle_buffer: int = 1000):
+    def __init__(self, source: ShardSource | Sequence[ShardSource], on_error: str = "fail",
+                 shuffle_buffer: int = 1000):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        self.source, self.on_error, self.shuffle_buffer = source, on_error, shuffle_buffer
+        # several sources: a segment's `source` picks one (pipeline.mix)
+        self.sources = [source] if isinstance(source, ShardSource) else list(source)
+        self.source, self.on_error, self.shuffle_buffer = self.sources[0], on_error, shuffle_buffer
         self.item_tfm: Callable | None = None  # this task's chain, set by `start`
         self.size, self.decode_size = 0, None  # its output side and decode hint
         use_ray_thread_count()  # one actor, one core's work
@@ -181,9 +184,9 @@ class ShardReader:
         for seg in segments:
             done = 0
             try:
-                for sample in read_segment(self.source, seg):
+                for sample in read_segment(self.sources[seg.source], seg):
                     done += 1
-                    yield sample
+                    yield replace(sample, source=seg.source) if seg.source else sample
             except ShardReadError as e:
                 if self.on_error == "fail":
                     raise
@@ -214,7 +217,7 @@ class ShardReader:
         return BatchData(images, labels, keys, skips, padded)
 
     def _load(self, sample: RawSample, seed: int, epoch: int) -> np.ndarray:
-        where = f"{self.source.url_of(sample.shard)}:{sample.key}.{sample.ext}"
+        where = f"{self.sources[sample.source].url_of(sample.shard)}:{sample.key}.{sample.ext}"
         image = decode_image(sample.data, sample.ext, self.decode_size, source=where)
         out = self.item_tfm(image, self._item_rng(seed, epoch, sample.key))
         if out.shape != (self.size, self.size, 3) or out.dtype != np.uint8:

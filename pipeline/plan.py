@@ -40,11 +40,15 @@ class ShardEntry:
 
 @dataclass(frozen=True)
 class Segment:
-    """Samples `[start, stop)` of shard `shard` (indices count samples, not tar members)."""
+    """Samples `[start, stop)` of shard `shard` (indices count samples, not tar members).
+
+    `source` says which of a stream's sources holds the shard (0 when there is one).
+    """
 
     shard: str
     start: int
     stop: int
+    source: int = 0
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -150,7 +154,8 @@ def take_positions(ordered: Sequence[ShardEntry | Segment], lo: int, hi: int) ->
         i = int(np.searchsorted(starts, q, side="right")) - 1  # segment holding position q
         start = q - int(starts[i])
         stop = min(len(segs[i]), start + (hi - pos))
-        segments.append(Segment(segs[i].shard, segs[i].start + start, segs[i].start + stop))
+        segments.append(Segment(segs[i].shard, segs[i].start + start, segs[i].start + stop,
+                                segs[i].source))
         pos += stop - start
     return _merge(segments)
 
@@ -161,7 +166,7 @@ def slice_segments(segments: Sequence[Segment], lo: int, hi: int) -> list[Segmen
     for seg in segments:
         a, b = max(lo - offset, 0), min(hi - offset, len(seg))
         if a < b:
-            out.append(Segment(seg.shard, seg.start + a, seg.start + b))
+            out.append(Segment(seg.shard, seg.start + a, seg.start + b, seg.source))
         offset += len(seg)
     return out
 
@@ -170,8 +175,9 @@ def _merge(segments: list[Segment]) -> list[Segment]:
     """Join neighbours that continue the same shard (a wrap can split one run in two)."""
     out: list[Segment] = []
     for seg in segments:
-        if out and out[-1].shard == seg.shard and out[-1].stop == seg.start:
-            out[-1] = Segment(seg.shard, out[-1].start, seg.stop)
+        last = out[-1] if out else None
+        if last and (last.shard, last.source, last.stop) == (seg.shard, seg.source, seg.start):
+            out[-1] = Segment(seg.shard, last.start, seg.stop, seg.source)
         else:
             out.append(seg)
     return out
@@ -188,7 +194,7 @@ def without(samples: Sequence[Segment], taken: Mapping[str, np.ndarray]) -> list
         idx = np.asarray(taken.get(seg.shard, ()), np.int64)
         keep[idx[(idx >= seg.start) & (idx < seg.stop)] - seg.start] = 0
         edges = np.flatnonzero(np.diff(np.concatenate([[0], keep, [0]])))
-        out += [Segment(seg.shard, seg.start + int(a), seg.start + int(b))
+        out += [Segment(seg.shard, seg.start + int(a), seg.start + int(b), seg.source)
                 for a, b in zip(edges[::2], edges[1::2], strict=True)]
     return _merge(out)
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 
 import numpy as np
@@ -112,12 +113,14 @@ def handed_out(plan: EpochPlan, batches: int, shuffle_buffer: int) -> dict[str, 
     return {shard: np.unique(np.concatenate(parts)) for shard, parts in found.items()}
 
 
-def resume(states: Mapping | Sequence[Mapping], shards: Sequence[ShardEntry], here: Mapping
-           ) -> Position:
+def resume(states: Mapping | Sequence[Mapping], shards: Sequence[ShardEntry], here: Mapping,
+           plan_of: Callable[[Mapping, Position], EpochPlan] | None = None) -> Position:
     """Where a stream set up as `here` goes on from `states` (one rank's, or every rank's).
 
     A finished epoch gives the next one at its start. Refuses states from other shards,
     seed, split or batch size, and an elastic resume without every old rank's state.
+    `plan_of(setup, position)`: the plans of a stream over several sources (`pipeline.mix`),
+    which resumes on the same layout only.
     """
     states = [states] if isinstance(states, Mapping) else list(states)
     if not states:
@@ -126,11 +129,14 @@ def resume(states: Mapping | Sequence[Mapping], shards: Sequence[ShardEntry], he
     _check_together(states, positions)
     for state, at in zip(states, positions, strict=True):
         if state["rank"] == here["rank"] and all(state[k] == here[k] for k in LAYOUT):
-            plan = plan_at(shards, state, at)
+            plan = (plan_of or partial(plan_at, shards))(state, at)
             if at.batches > plan.num_batches:
                 raise ValueError(f"load_state_dict: the state has {at.batches} batches handed "
                                  f"out of an epoch of {plan.num_batches}")
             return at if at.batches < plan.num_batches else Position(at.epoch + 1)
+    if plan_of is not None:
+        raise ValueError("load_state_dict: a stream over several sources resumes only on the "
+                         "same layout (rank, world size, actors, shuffle buffer, drop_last)")
     world = states[0]["world_size"]
     missing = sorted(set(range(world)) - {s["rank"] for s in states})
     if missing:

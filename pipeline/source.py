@@ -60,7 +60,7 @@ class RawSample:
     """One sample as stored: encoded image bytes, their extension, the label index.
 
     `problem` says why the sample must not be used (damaged, malformed); then `data` is
-    empty and `label` is -1.
+    empty and `label` is -1. `source`: which of a stream's sources it came from.
     """
 
     shard: str
@@ -69,6 +69,7 @@ class RawSample:
     data: bytes
     label: int
     problem: str | None = None
+    source: int = 0
 
 
 @dataclass(frozen=True)

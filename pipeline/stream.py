@@ -22,114 +22,35 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import ray
-import torch
-from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.exceptions import ActorUnavailableError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline.actors import BatchData, ShardReader, Skip, StaleRequest
+from pipeline.actors import ShardReader, Skip
 from pipeline.batch import Batch
+from pipeline.feed import RESTART_WAIT_S, ActorFeed, to_batch
+from pipeline.mix import concat_epoch, mix_epoch
 from pipeline.plan import (
-    ActorTask,
     EpochPlan,
+    Segment,
     num_batches,
     plan_epoch,
+    plan_samples,
     samples_per_rank,
     shard_entries,
 )
 from pipeline.ray_setup import ensure_ray
 from pipeline.resume import Position, plan_at, resume, shards_fingerprint, state_of
 from pipeline.settings import StreamSettings
-from pipeline.source import ShardReadError, ShardSource
+from pipeline.source import ShardSource
 from pipeline.transforms import item_chain
 from shards.vocab import Vocab
 
 log = logging.getLogger(__name__)
-
-RESTART_WAIT_S = 60.0  # how long to wait for Ray to bring a crashed actor back
-
-
-def to_batch(data: BatchData) -> Batch:
-    """(B, H, W, 3) read-only numpy -> a `Batch` with a fresh (B, 3, H, W) uint8 tensor.
-
-    One plain copy (0.1 ms for 64 x 128 px) releases the object-store slot and gives the
-    trainer memory it may write to. The tensor is (B, 3, H, W) in channels-last memory
-    (a permuted view of the HWC copy), the layout the trainer's convolutions want anyway;
-    a transposing copy to contiguous NCHW cost 10x more (both: `bench/kernel_bench.py`).
-    """
-    images = torch.from_numpy(data.images.copy()).permute(0, 3, 1, 2)
-    return Batch(images, torch.tensor(data.labels, dtype=torch.int64), list(data.keys))
-
-
-class _ActorFeed:
-    """The driver's side of one actor for one epoch: requests in flight, replay after a crash."""
-
-    def __init__(self, actor, task: ActorTask, item_tfm: Callable, prefetch: int,
-                 per_call: int, max_restarts: int, first_batch: int = 0):
-        self.actor, self.task, self.item_tfm = actor, task, item_tfm
-        self.prefetch, self.per_call, self.restarts_left = prefetch, per_call, max_restarts
-        self.start(first_batch)
-
-    def start(self, first_batch: int) -> None:
-        self.token = uuid.uuid4().hex
-        # the chain travels once per task (epoch or replay), not with every request
-        self.started = self.actor.start.remote(self.task, self.item_tfm, self.token,
-                                               first_batch)
-        self.refs: deque = deque()  # requests in flight, in task order
-        self.ready: deque[BatchData] = deque()  # received, not yet handed out
-        self.first, self.requested = first_batch, first_batch
-        self.fill()
-
-    def fill(self) -> None:
-        while len(self.refs) < self.prefetch and self.requested < self.task.num_batches:
-            # the first request is for one batch, so the first batch comes without waiting
-            # for a whole call's worth
-            count = 1 if self.requested == self.first else self.per_call
-            count = min(count, self.task.num_batches - self.requested)
-            self.refs.append(self.actor.next_batches.remote(self.token, count))
-            self.requested += count
-
-    def take(self, index: int) -> BatchData:
-        """Batch `index` of this actor's task (the driver takes them in order)."""
-        while not self.ready:  # `index` is the first batch not received
-            ref = self.refs.popleft()
-            try:
-                self.ready.extend(ray.get(ref))
-            except (ActorUnavailableError, ActorDiedError, StaleRequest) as e:
-                # StaleRequest: a request that reached the restarted actor before our replay
-                self.recover(index, e)
-                continue
-            except ShardReadError as e:  # raised in the actor: re-raise the plain error
-                raise ShardReadError(e.shard, e.reason) from None
-            self.fill()  # ask for more before handing these out
-        return self.ready.popleft()
-
-    def recover(self, index: int, error: Exception) -> None:
-        """Wait for Ray to restart the actor, then replay the task from batch `index`."""
-        if self.restarts_left <= 0:
-            raise RuntimeError(f"stream actor {self.task.actor} died and its restarts are used "
-                               f"up (max_restarts); last error: {error}") from error
-        self.restarts_left -= 1
-        log.warning("stream actor %d died at batch %d; resuming it", self.task.actor, index)
-        deadline = time.monotonic() + RESTART_WAIT_S
-        while True:
-            self.start(index)
-            try:
-                ray.get(self.started)
-                return
-            except ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-            except ActorDiedError as e:
-                raise RuntimeError(f"stream actor {self.task.actor} died and Ray could not "
-                                   f"restart it: {e}") from e
-
 
 class ShardStream:
     """Iterate a split of a shards folder/URL as `Batch`es: one full epoch per iteration.
@@ -153,6 +74,12 @@ class ShardStream:
       / `valid_tfms(size)` by split. `size` only picks the default chain's size (or, with
       `item_tfms`, must agree with it). `set_item_tfms`/`set_size` change it for the next
       epoch, on the same actors.
+    - several sources (a list; `pipeline.mix`): all must have one vocab. Without `weights`
+      an epoch is every source's split once; with `weights` (one per source) it is
+      `epoch_size` samples (default: all the sources' samples) drawn in that proportion,
+      spread evenly through the epoch, a small source cycling through fresh shuffles of
+      itself. `stats` are the first source's. `load_state_dict` then resumes only on the
+      same layout (world size, actors, shuffle buffer, drop_last), not elastically.
     - `address`: None starts Ray here if it is not running; "auto" or "ray://..." joins.
     - memory: at most `num_actors * (prefetch + 1) * batches_per_call` batches wait in
       Ray's object store, plus `shuffle_buffer` encoded records per actor; nothing grows
@@ -161,7 +88,7 @@ class ShardStream:
 
     def __init__(
         self,
-        source: str | Path | ShardSource,
+        source: str | Path | ShardSource | Sequence[str | Path | ShardSource],
         split: str = "train",
         settings: StreamSettings | None = None,
         *,
@@ -172,6 +99,8 @@ class ShardStream:
         address: str | None = None,
         storage_options: dict | None = None,
         vocab: Vocab | None = None,
+        weights: Sequence[float] | None = None,
+        epoch_size: int | None = None,
         **changes,
     ):
         if settings is not None and not isinstance(settings, StreamSettings):
@@ -182,8 +111,14 @@ class ShardStream:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         self.split, self.rank, self.world_size = split, rank, world_size
         self.set_item_tfms(item_tfms, size)
-        self.source = ShardSource.of(source, storage_options, self.settings.remote())
-        self._read_meta(vocab)
+        given = [source] if isinstance(source, str | Path | ShardSource) else list(source)
+        if not given:
+            raise ValueError("ShardStream: no source given")
+        self.sources = [ShardSource.of(s, storage_options, self.settings.remote()) for s in given]
+        self.source = self.sources[0]
+        self.source_shards = [self._read_meta(src, vocab) for src in self.sources]
+        self.shards = self.source_shards[0]
+        self._set_mix(weights, epoch_size)
         self.epoch = 0
         self._plays = 0  # iterations started; only the latest may run (actors are shared)
         self.skips: list[Skip] = []  # what the last epoch skipped (on_error="skip")
@@ -198,24 +133,46 @@ class ShardStream:
         self.num_actors = max(1, min(wanted, len(self)))
         self._actors = self._make_actors()
 
-    def _read_meta(self, vocab: Vocab | None) -> None:
-        """The vocab, stats and this split's shards from `meta.json`, checked."""
-        meta = self.source.read_meta()
-        where = self.source.url_of("meta.json")
-        self.vocab = Vocab.from_json(meta)  # refuses a fingerprint that disagrees
-        if vocab is not None:
-            vocab.check_fingerprint(meta["vocab_fingerprint"], f"the shards at {self.source.url}")
-            self.vocab = vocab
-        self.stats = meta["stats"]
+    def _read_meta(self, source: ShardSource, vocab: Vocab | None) -> list:
+        """This split's shards from `source`'s `meta.json`, checked; the first sets the vocab
+        and stats, and every other must have the same vocab."""
+        meta = source.read_meta()
+        where = source.url_of("meta.json")
+        found = Vocab.from_json(meta)  # refuses a fingerprint that disagrees
+        if source is self.source:
+            if vocab is not None:
+                vocab.check_fingerprint(meta["vocab_fingerprint"], f"the shards at {source.url}")
+            self.vocab, self.stats = vocab or found, meta["stats"]
+        elif found.fingerprint != self.vocab.fingerprint:
+            raise ValueError(f"{where} has another vocab (fingerprint {found.fingerprint}, "
+                             f"{len(found)} labels) than {self.source.url_of('meta.json')} "
+                             f"({self.vocab.fingerprint}, {len(self.vocab)} labels); shard "
+                             "one with `tench shard --vocab-from` the other to share it")
         splits = meta["splits"]
         if self.split not in splits:
             raise ValueError(f"{where}: no split {self.split!r}; it has {sorted(splits)}")
-        self.shards = shard_entries(splits[self.split])
-        self.num_samples = sum(e.count for e in self.shards)
-        if self.num_samples != splits[self.split]["count"] or self.num_samples == 0:
+        shards = shard_entries(splits[self.split])
+        count = sum(e.count for e in shards)
+        if count != splits[self.split]["count"] or count == 0:
             raise ValueError(f"{where}: split {self.split!r} lists "
                              f"{splits[self.split]['count']} samples but its shards hold "
-                             f"{self.num_samples}")
+                             f"{count}")
+        return shards
+
+    def _set_mix(self, weights: Sequence[float] | None, epoch_size: int | None) -> None:
+        """Samples per epoch; `self.mixed`: the epoch is planned by `pipeline.mix`."""
+        total = sum(e.count for shards in self.source_shards for e in shards)
+        if weights is None and epoch_size is not None:
+            raise ValueError("ShardStream: epoch_size needs weights (one per source)")
+        if weights is not None:
+            weights = [float(w) for w in weights]
+            if len(weights) != len(self.sources):
+                raise ValueError(f"ShardStream: {len(weights)} weights for "
+                                 f"{len(self.sources)} sources; give one each")
+            mix_epoch(self.source_shards, weights, epoch_size or total, shuffle=False,
+                      seed=0, epoch=0, run=max(total, 1))  # checks the weights early
+        self.weights, self.num_samples = weights, epoch_size or total
+        self.mixed = weights is not None or len(self.sources) > 1
 
     def _check_not_empty(self) -> None:
         if len(self) == 0:
@@ -298,12 +255,15 @@ class ShardStream:
         was handed (`pipeline.resume`). States from other shards, seed, split or batch size
         are refused.
         """
-        at = resume(state, self.shards, self._setup())
+        plan_of = self._plan_at if self.mixed else None
+        at = resume(state, self.shards, self._setup(), plan_of)
         self.epoch, self._now = at.epoch, None
         self._pending = at if at.batches or at.rest is not None else None
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """This rank's plan for `epoch` (default: the next one)."""
+        if self.mixed:
+            return self._plan_at(self._setup(), Position(self.epoch if epoch is None else epoch))
         return plan_epoch(self.shards, batch_size=self.batch_size, num_actors=self.num_actors,
                           shuffle=self.settings.shuffles(self.split), seed=self.settings.seed,
                           epoch=self.epoch if epoch is None else epoch, rank=self.rank,
@@ -362,26 +322,52 @@ class ShardStream:
         return [remote.options(max_restarts=self.settings.max_restarts, max_task_retries=0,
                                scheduling_strategy=NodeAffinitySchedulingStrategy(
                                    nodes[i % len(nodes)], soft=True)).remote(
-                    self.source, self.settings.on_error, self.settings.shuffle_buffer)
+                    self.sources if self.mixed else self.source, self.settings.on_error,
+                    self.settings.shuffle_buffer)
                 for i in range(self.num_actors)]
+
+    def epoch_samples(self, epoch: int) -> list[Segment]:
+        """A mixed stream's samples of `epoch` in epoch order (`pipeline.mix`)."""
+        shuffle, seed = self.settings.shuffles(self.split), self.settings.seed
+        if self.weights is None:
+            return concat_epoch(self.source_shards, shuffle=shuffle, seed=seed, epoch=epoch)
+        return mix_epoch(self.source_shards, self.weights, self.num_samples, shuffle=shuffle,
+                         seed=seed, epoch=epoch)
+
+    def _plan_at(self, setup: dict, at: Position) -> EpochPlan:
+        if not self.mixed:
+            return plan_at(self.shards, setup, at)
+        return plan_samples(self.epoch_samples(at.epoch), batch_size=setup["batch_size"],
+                            num_actors=setup["num_actors"], shuffle=setup["shuffle"],
+                            seed=setup["seed"], epoch=at.epoch, rank=setup["rank"],
+                            world_size=setup["world_size"], drop_last=setup["drop_last"])
+
+    def _fingerprint(self) -> str:
+        """The vocab and shard listing (every source's, with weights and epoch size)."""
+        fingerprint = shards_fingerprint(self.vocab.fingerprint, self.shards)
+        if self.mixed:
+            parts = [shards_fingerprint(self.vocab.fingerprint, s) for s in self.source_shards]
+            fingerprint = shards_fingerprint(
+                f"{parts}{self.weights}{self.num_samples}", [])
+        return fingerprint
 
     def _setup(self) -> dict:
         """What this rank's plans are a function of (with the epoch), as a state records it."""
         shuffle = self.settings.shuffles(self.split)
         return {"split": self.split, "seed": self.settings.seed, "batch_size": self.batch_size,
-                "shards": shards_fingerprint(self.vocab.fingerprint, self.shards),
+                "shards": self._fingerprint(),
                 "rank": self.rank, "world_size": self.world_size, "num_actors": self.num_actors,
                 "shuffle": shuffle, "shuffle_buffer": self.settings.shuffle_buffer * shuffle,
                 "drop_last": self.drop_last}
 
     def _play(self, at: Position, play: int, item_tfm: Callable, per_call: int
               ) -> Iterator[Batch]:
-        plan = plan_at(self.shards, self._setup(), at)
+        plan = self._plan_at(self._setup(), at)
         order = plan.delivery_order()
         done = Counter(actor for actor, _ in order[:at.batches])  # before a loaded state
         self.skips, self.padded = [], 0
         seen: set = set()
-        feeds = {t.actor: _ActorFeed(self._actors[t.actor], t, item_tfm, self.settings.prefetch,
+        feeds = {t.actor: ActorFeed(self._actors[t.actor], t, item_tfm, self.settings.prefetch,
                                      per_call, self.settings.max_restarts, done[t.actor])
                  for t in plan.tasks if t.num_batches > done[t.actor]}
         for actor, index in order[at.batches:]:

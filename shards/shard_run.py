@@ -18,19 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from shards.atomic import TMP_SUFFIX
+from shards.bucket import OWN_FILE, BucketOut
 from shards.format import META_NAME, SPLITS, TRAIN, VALID, shard_name
 from shards.images import pixel_limit
 from shards.meta import build_meta, human_bytes, summary_lines, write_meta
+from shards.remote import is_url
 from shards.shard_plan import (
     STATS_IMAGES,
     Labelled,
@@ -44,7 +46,6 @@ from shards.shard_plan import (
 from shards.workers import ShardResult, ShardWriteError, run_tasks
 
 ON_ERROR = ("skip", "fail")
-_OWN_FILE = re.compile(rf"^(({'|'.join(SPLITS)})-\d{{6}}\.tar|{re.escape(META_NAME)})$")
 
 
 def default_processes() -> int:
@@ -85,7 +86,7 @@ def prepare_out(out: Path, src: Path, force: bool) -> None:
         existing = sorted(p.name for p in out.iterdir())
         (out / META_NAME).unlink(missing_ok=True)  # first: the folder stops looking complete
         for name in existing:
-            if _OWN_FILE.match(name) or (name.startswith(".") and name.endswith(TMP_SUFFIX)):
+            if OWN_FILE.match(name) or (name.startswith(".") and name.endswith(TMP_SUFFIX)):
                 (out / name).unlink(missing_ok=True)
 
 
@@ -156,9 +157,12 @@ class _Progress:
 
 def write_shards(
     src: Path, out: Path, tasks: list[ShardTask], *, processes: int, max_pixels: int | None,
-    max_size: int | None, on_error: str, progress: bool,
+    max_size: int | None, on_error: str, progress: bool, upload: Callable | None = None,
 ) -> list[ShardResult]:  # fmt: skip
-    """Run every task; the results in shard order. On any error no shard of the plan is left."""
+    """Run every task; the results in shard order. On any error no shard of the plan is left.
+
+    `upload(path)`: called with each finished shard (which it may move away) instead of
+    syncing it to disk."""
     bar = _Progress(sum(len(t.jobs) for t in tasks), progress)
     sizes = {(t.split, t.index): len(t.jobs) for t in tasks}
     results: list[ShardResult] = []
@@ -168,7 +172,9 @@ def write_shards(
                                 max_size=max_size, stop_at_error=on_error == "fail"):
             if result.failure:
                 raise ShardError(f"{result.failure} (--on-error fail)")
-            if result.shard is not None:
+            if result.shard is not None and upload is not None:
+                upload(out / result.shard.name)
+            elif result.shard is not None:
                 syncer.add(result.shard.name)
             results.append(result)
             bar.add(sizes[(result.split, result.index)])
@@ -199,6 +205,9 @@ def shard_data(
 ) -> dict:  # fmt: skip
     """Shard `data` (a `shards.items.LabeledData`) into `out`; return the `meta.json` written.
 
+    `out`: a folder, or an object-storage URL such as `s3://bucket/prefix`
+    (`shards.bucket`: each shard uploaded once complete, `meta.json` last).
+
     `seed`: the shuffle within each split. `processes`: sharder processes (default: every
     core). `max_pixels`: refuse images with more pixels (default: Pillow's
     decompression-bomb limit). `stats_images`: training images sampled for the mean/std
@@ -206,7 +215,38 @@ def shard_data(
     `layout` and `options` (how the files were found, split and labelled) go to meta.json
     as they are. Raises `ShardError` (a clear message) for anything that stops the run.
     """
-    src, out = Path(data.path), Path(out)
+    settings = {"seed": seed, "shard_size": shard_size, "max_count": max_count,
+                "max_size": max_size, "processes": processes, "on_error": on_error,
+                "progress": progress, "max_pixels": max_pixels, "stats_images": stats_images,
+                "layout": layout, "options": options}
+    if not is_url(out):
+        meta = _shard_to_folder(data, Path(out), force=force, **settings)
+        where = Path(out) / META_NAME
+    else:
+        bucket = BucketOut(str(out))
+        bucket.prepare(force)
+        try:
+            with tempfile.TemporaryDirectory(prefix="tench-shard-") as staging:
+                meta = _shard_to_folder(data, Path(staging), force=False, upload=bucket.upload,
+                                        **settings)
+                bucket.finish(Path(staging) / META_NAME)
+        except BaseException:
+            bucket.abort()
+            raise
+        where = f"{bucket.url}/{META_NAME}"
+    if progress:
+        print(f"wrote {where}")
+    return meta
+
+
+def _shard_to_folder(
+    data: Labelled, out: Path, *, seed: int, shard_size: int | None, max_count: int | None,
+    max_size: int | None, processes: int | None, on_error: str, force: bool, progress: bool,
+    max_pixels: int | None, stats_images: int, layout: str | None,
+    options: dict[str, Any] | None, upload: Callable | None = None,
+) -> dict:  # fmt: skip
+    """`shard_data` into a local folder; `upload` takes each finished shard (`write_shards`)."""
+    src = Path(data.path)
     check_options(shard_size=shard_size, max_count=max_count, max_size=max_size,
                   processes=processes, on_error=on_error, max_pixels=max_pixels)  # fmt: skip
     processes = default_processes() if processes is None else processes
@@ -222,7 +262,8 @@ def shard_data(
         ]  # fmt: skip
         spread_stats_sample(tasks, stats_images)
         results = write_shards(src, out, tasks, processes=processes, max_pixels=max_pixels,
-                               max_size=max_size, on_error=on_error, progress=progress)
+                               max_size=max_size, on_error=on_error, progress=progress,
+                               upload=upload)
         shards = {split: [r.shard for r in results if r.split == split and r.shard]
                   for split in SPLITS}
         skipped = [entry for r in results for entry in r.skipped]
@@ -260,7 +301,6 @@ def shard_data(
     if progress:
         for line in summary_lines(meta, time.perf_counter() - start):
             print(line)
-        print(f"wrote {out / META_NAME}")
     return meta
 
 

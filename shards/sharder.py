@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.blocks import (
+    CategoryProcessor,
     Labeler,
     LabelError,
     Splitter,
@@ -34,8 +35,10 @@ from shards.blocks import (
 from shards.files import relative_path
 from shards.items import ImageList, LabeledData
 from shards.labels_csv import LabelsCsv, csv_splitter
+from shards.remote import is_url
 from shards.shard_plan import STATS_IMAGES, ShardError, relative
 from shards.shard_run import ON_ERROR, check_options, check_out
+from shards.vocab import Vocab, read_vocab
 
 OUTSIDE = "outside the layout"  # the reason meta.json gives for a file the split left out
 
@@ -65,25 +68,34 @@ def shard_folder(
     max_count: int | None = None, max_size: int | None = None, processes: int | None = None,
     on_error: str = "skip", force: bool = False, progress: bool = True,
     max_pixels: int | None = None, stats_images: int = STATS_IMAGES,
+    vocab_from: str | Path | None = None,
 ) -> dict:  # fmt: skip
     """Shard the images under `src` into `out`, labelled and split as `tench shard`'s flags
     say (see EPILOG); return the `meta.json` object written. Raises `ShardError`.
 
-    `seed` picks both the random split and the shuffle. The rest: see
-    `shards.shard_run.shard_data`.
+    `seed` picks both the random split and the shuffle. `vocab_from`: a shards folder/URL
+    or vocab JSON whose vocab labels these images (a label it lacks is an error naming it
+    and a file). The rest: see `shards.shard_run.shard_data`.
     """
-    src, out = Path(src), Path(out)
+    src, out = Path(src), (out if is_url(out) else Path(out))
     if valid_pct is not None and not 0.0 < valid_pct < 1.0:
         raise ShardError(f"--valid-pct must be between 0 and 1 (a fraction), got {valid_pct}")
     check_options(shard_size=shard_size, max_count=max_count, max_size=max_size,
                   processes=processes, on_error=on_error, max_pixels=max_pixels)  # fmt: skip
     check_src(src)
-    check_out(out, src, force)  # before listing SRC: a mistyped OUT fails at once
+    if not is_url(out):  # object storage: checked when the run starts (shards.bucket)
+        check_out(out, src, force)  # before listing SRC: a mistyped OUT fails at once
+    try:
+        vocab = None if vocab_from is None else read_vocab(vocab_from)
+    except ValueError as e:
+        raise ShardError(f"--vocab-from: {e}") from None
     data, layout = folder_data(src, valid_pct=valid_pct, seed=seed, label_regex=label_regex,
-                               labels_csv=labels_csv, split_csv_column=split_csv_column)
+                               labels_csv=labels_csv, split_csv_column=split_csv_column,
+                               vocab=vocab)
     options: dict[str, Any] = {"valid_pct": valid_pct}
     for name, value in (("label_regex", label_regex), ("labels_csv", labels_csv),
-                        ("split_csv_column", split_csv_column)):  # fmt: skip
+                        ("split_csv_column", split_csv_column),
+                        ("vocab_from", vocab_from)):  # fmt: skip
         if value is not None:  # only when used, so meta.json of a folder run stays the same
             options[name] = str(value)
     return data.to_shards(
@@ -96,8 +108,11 @@ def shard_folder(
 def folder_data(
     src: Path, *, valid_pct: float | None = None, seed: int = 0, label_regex: str | None = None,
     labels_csv: str | Path | None = None, split_csv_column: str | None = None,
+    vocab: Vocab | None = None,
 ) -> tuple[LabeledData, str]:  # fmt: skip
-    """The labelled files `tench shard` would write, and the layout name for meta.json."""
+    """The labelled files `tench shard` would write, and the layout name for meta.json.
+
+    `vocab`: label with it as given (else it is learnt from the training labels)."""
     if label_regex is not None and labels_csv is not None:
         raise ShardError("--label-regex and --labels-csv both give the labels; pass one")
     if split_csv_column is not None and labels_csv is None:
@@ -129,7 +144,8 @@ def folder_data(
                 f"{src}: no training images (files with an image extension in {where}); "
                 f"{len(left_out)} files left out, e.g. {left_out[0] if left_out else '-'}"
             )
-        return split.label(labeler), layout
+        processor = None if vocab is None else CategoryProcessor(vocab=vocab)
+        return split.label(labeler, processor), layout
     except LabelError as e:
         raise ShardError(str(e)) from None
 
@@ -209,7 +225,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", type=Path,
                         help="the image folder: train/<class>/ + val/<class>/ (ImageNet "
                              "layout), or any tree with the flags below")  # fmt: skip
-    parser.add_argument("out", metavar="OUT", type=Path, help="folder for the shards and meta.json")
+    parser.add_argument("out", metavar="OUT",
+                        help="folder for the shards and meta.json, or s3://bucket/prefix "
+                             "(standard AWS settings: AWS_ENDPOINT_URL, AWS_PROFILE, ...)")
     parser.add_argument("--label-regex", metavar="PATTERN", default=None,
                         help="label = the one (...) group of PATTERN in the file name")
     parser.add_argument("--labels-csv", metavar="FILE", type=Path, default=None,
@@ -238,6 +256,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or stop the run")  # fmt: skip
     parser.add_argument("--force", action="store_true",
                         help="replace an earlier run's shards in OUT (and its leftover temp files)")
+    parser.add_argument("--vocab-from", metavar="OTHER", default=None,
+                        help="label with OTHER's vocab (a shards folder or URL, or a vocab "
+                             "JSON), so the two sets can be streamed together")
     parser.add_argument("--debug", action="store_true",
                         help="show the Python traceback of an error, not just its sentence")
 
@@ -250,6 +271,7 @@ def main(args: argparse.Namespace) -> int:
             split_csv_column=args.split_csv_column, shard_size=args.shard_size,
             max_count=args.max_count, max_size=args.max_size, processes=args.processes,
             on_error=args.on_error, force=args.force, max_pixels=args.max_pixels,
+            vocab_from=args.vocab_from,
         )  # fmt: skip
     except (ShardError, OSError) as e:  # OSError: one no check foresaw (a disk error, ...)
         if getattr(args, "debug", False):

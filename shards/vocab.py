@@ -12,6 +12,8 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from shards.remote import is_url, join, open_file
+
 
 def vocab_fingerprint(names: Sequence[str]) -> str:
     """sha256 of the names in index order, as canonical JSON."""
@@ -99,3 +101,32 @@ class Vocab:
                 f"{self.names[:5]}{'…' if len(self) > 5 else ''}); use shards and checkpoints "
                 "made from the same `tench shard` run"
             )
+
+
+def read_vocab(location: str | Path) -> Vocab:
+    """The vocab of a shards folder or URL (its `meta.json`) or of a vocab JSON file.
+
+    `tench shard --vocab-from`: so separately sharded sets share one vocab (and can be
+    streamed together). Raises ValueError naming the file and the reason.
+    """
+    text = str(location).rstrip("/")
+    if text.endswith(".json"):
+        where, name = text.rsplit("/", 1) if is_url(text) else (Path(text).parent, Path(text).name)
+    else:
+        where, name = text, "meta.json"
+    shown = join(where, name)
+    try:
+        with open_file(where, name) as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{shown}: not found (give a shards folder or URL, or a vocab JSON)"
+                         ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{shown}: not readable as JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("vocab"), list):
+        raise ValueError(f"{shown}: no 'vocab' list in it (give a shards folder or URL, or a "
+                         "vocab JSON)")
+    try:
+        return Vocab.from_json(data)
+    except ValueError as e:
+        raise ValueError(f"{shown}: {e}") from None

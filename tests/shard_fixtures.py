@@ -53,10 +53,12 @@ def encode(img: np.ndarray, fmt: str) -> bytes:
 
 
 def make_shards(folder: str | Path, counts: dict | None = None, *, image_size=(40, 36),
-                samples_per_shard: int = 10, noise: bool = False, seed: int = 0) -> ShardSet:
+                samples_per_shard: int = 10, noise: bool = False, seed: int = 0,
+                prefix: str = "") -> ShardSet:
     """Write `counts` samples per split into shards of about `samples_per_shard` each.
 
-    Every fifth image is a PNG, the rest JPEG; labels cycle over `CLASSES`.
+    Every fifth image is a PNG, the rest JPEG; labels cycle over `CLASSES`. `prefix` starts
+    every image's path (and so its key), to tell two sets apart.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,7 +73,7 @@ def make_shards(folder: str | Path, counts: dict | None = None, *, image_size=(4
             label = CLASSES[i % len(CLASSES)]
             img = make_image(rng, image_size, noise)
             ext, fmt = ("png", "PNG") if i % 5 == 4 else ("jpg", "JPEG")
-            rel = f"{split}/{label}/{i:05d}.{ext}"
+            rel = f"{prefix}{split}/{label}/{i:05d}.{ext}"
             images.append((sample_key(rel), ext, encode(img, fmt), vocab.encode(label), rel))
             if split == "train":
                 flat = img.reshape(-1, 3) / 255.0

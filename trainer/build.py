@@ -60,8 +60,12 @@ def make_streams(config: FitConfig, rank: int = 0, world_size: int = 1) -> DataP
     Close them with `close_streams` when done (their Ray actors stay up until then).
     """
     def stream(split: str) -> ShardStream:
-        return ShardStream(config.shards, split, config.stream_settings(), size=config.size,
-                           rank=rank, world_size=world_size, address=config.address)
+        # several data sets: training draws by `weights`, validation is every set's once
+        mix = {"weights": config.weights, "epoch_size": config.epoch_size} \
+            if split == "train" else {}
+        return ShardStream([config.shards, *config.more_shards], split,
+                           config.stream_settings(), size=config.size, rank=rank,
+                           world_size=world_size, address=config.address, **mix)
 
     train = stream("train")
     try:

@@ -35,6 +35,9 @@ class FitConfig:
 
     shards: str = ""
     out: str = ""
+    more_shards: tuple[str, ...] = ()  # further data sets in the same stream (pipeline.mix)
+    weights: tuple[float, ...] | None = None  # one per data set: train draws in proportion
+    epoch_size: int | None = None  # with weights: training samples per epoch
     # The defaults are the recipe `./run demo` measures (README): a half-width one-block
     # XResNet with LSUV and a one-cycle peak of 1e-2 took the demo's shapes from 40% (the
     # course's CNN, 3e-3) to 95%+ in 12 epochs of 3,000 images at 64 px.
@@ -65,6 +68,15 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        # tuples, also when read back from JSON lists, so configs compare equal
+        object.__setattr__(self, "more_shards", tuple(self.more_shards))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+            if len(self.weights) != 1 + len(self.more_shards):
+                problems.append(f"{len(self.weights)} weights for "
+                                f"{1 + len(self.more_shards)} data sets; give one each")
+        elif self.epoch_size is not None:
+            problems.append("epoch_size needs weights (one per data set)")
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:

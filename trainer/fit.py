@@ -122,7 +122,14 @@ class RenamedOption(argparse.Action):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = FitConfig()
     s = argparse.SUPPRESS  # options not given stay out of the namespace (see config_from_args)
-    parser.add_argument("shards", metavar="SHARDS", help="shards folder or URL (tench shard's OUT)")
+    parser.add_argument("shards", metavar="SHARDS", nargs="+",
+                        help="shards folder or URL (tench shard's OUT); several: one stream "
+                             "over all of them (one vocab)")
+    parser.add_argument("--weights", type=float, nargs="+", default=s, metavar="W",
+                        help="one per SHARDS: each training epoch draws from them in this "
+                             "proportion (default: each set once)")
+    parser.add_argument("--epoch-size", type=int, default=s, metavar="N",
+                        help="with --weights: training samples per epoch (default: all)")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for the run")
     parser.add_argument("--arch", choices=ARCHS, default=s, help=f"model (default {d.arch})")
     parser.add_argument("--epochs", type=int, default=s, help=f"default {d.epochs}")
@@ -182,7 +189,8 @@ def config_from_args(args: argparse.Namespace) -> FitConfig:
     """FitConfig defaults overlaid with the options the user gave."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(FitConfig)
              if hasattr(args, f.name)}
-    given["shards"], given["out"] = str(args.shards), str(args.out)
+    given["shards"], given["out"] = str(args.shards[0]), str(args.out)
+    given["more_shards"] = tuple(str(s) for s in args.shards[1:])
     if "size" in given:  # "64" or "48:64" (progressive): both fields, so a resume can compare
         given["size_start"], given["size"] = parse_size(given["size"])
     if given.get("lr_find") and "lr" not in given:
