@@ -30,6 +30,12 @@ from trainer.callbacks.progress import ProgressCallback
 from trainer.callbacks.recorder import Recorder, SmoothLoss
 from trainer.callbacks.schedule import ParamScheduler
 from trainer.callbacks.stats import AvgStatsCallback, MetricsLogger, accuracy
+from trainer.callbacks.step_checkpoint import (
+    StepCheckpoint,
+    mid_epoch_state,
+    remove_partial_checkpoints,
+    resume_position,
+)
 
 __all__ = [
     "CHECKPOINT_VERSION", "EVENTS", "AvgStatsCallback", "Callback",
@@ -39,4 +45,5 @@ __all__ = [
     "NonFiniteGuard", "NonFiniteLossError", "Normalize", "NormalizeCallback", "ParamScheduler",
     "ProgressCallback", "Recorder", "SmoothLoss", "accuracy", "checkpoint_state",
     "load_checkpoint", "lr_find", "restore", "save_checkpoint", "valley",
+    "StepCheckpoint", "mid_epoch_state", "remove_partial_checkpoints", "resume_position",
 ]

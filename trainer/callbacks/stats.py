@@ -1,7 +1,8 @@
 """Per-epoch loss and metrics (batch-size weighted), and the files they are logged to.
 
 `AvgStatsCallback` appends one dict per epoch to `learn.history`:
-`{"epoch", "train_loss", "train_<metric>"..., "valid_loss", "<metric>"..., "seconds"}`;
+`{"epoch", "train_loss", "train_<metric>"..., "valid_loss", "<metric>"..., "train_samples",
+"seconds"}` (`train_samples`: the samples the epoch trained on, across a mid-epoch resume);
 `MetricsLogger` writes that list to the run folder's metrics files after every epoch.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from trainer.callbacks.core import Callback
+from trainer.callbacks.device import model_device
 from trainer.run_dir import write_metrics
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -56,11 +58,28 @@ class AvgStatsCallback(Callback):
     def __init__(self, metrics: Mapping[str, Metric] | None = None):
         self.metrics = dict({"accuracy": accuracy} if metrics is None else metrics)
         self.train, self.valid = RunningAverage(), RunningAverage()
-        self.start = 0.0
+        self.start, self.epoch = 0.0, 0
+        self._resume: dict | None = None  # a mid-epoch checkpoint's partial sums
+
+    def state_dict(self) -> dict:
+        """The training pass's partial sums so far: a run resumed mid-epoch logs the same
+        epoch averages as an uninterrupted one."""
+        sums = None if self.train.sums is None else self.train.sums.detach().cpu().clone()
+        return {"epoch": self.epoch, "sums": sums, "count": self.train.count,
+                "seconds": time.perf_counter() - self.start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state
 
     def before_epoch(self, learn) -> None:
         self.train, self.valid = RunningAverage(), RunningAverage()
-        self.start = time.perf_counter()
+        self.start, self.epoch = time.perf_counter(), learn.epoch
+        saved, self._resume = self._resume, None
+        if saved is not None and saved["epoch"] == learn.epoch and learn.mid_epoch_resume:
+            sums = saved["sums"]
+            self.train.sums = None if sums is None else sums.to(model_device(learn.model))
+            self.train.count = int(saved["count"])
+            self.start -= float(saved["seconds"])
 
     def after_loss(self, learn) -> None:
         with torch.no_grad():
@@ -70,11 +89,13 @@ class AvgStatsCallback(Callback):
     def after_epoch(self, learn) -> None:
         names = ["loss", *self.metrics]
         row: dict = {"epoch": learn.epoch}
+        self.epoch = learn.epoch
         train, valid = self.train.averages(), self.valid.averages()
         for i, name in enumerate(names):
             row[f"train_{name}"] = None if train is None else train[i]
         for i, name in enumerate(names):
             row["valid_loss" if name == "loss" else name] = None if valid is None else valid[i]
+        row["train_samples"] = self.train.count
         row["seconds"] = round(time.perf_counter() - self.start, 3)
         learn.history.append(row)
 
