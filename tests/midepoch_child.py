@@ -1,4 +1,4 @@
-"""A `tench fit` process that SIGKILLs itself at a chosen moment (for tests/test_midepoch_resume.py).
+"""A `tench fit` that SIGKILLs itself at a chosen moment (tests/test_midepoch_resume.py).
 
     python -m tests.midepoch_child KILL -- FIT_ARGS...
 

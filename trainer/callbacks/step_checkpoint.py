@@ -109,7 +109,10 @@ class StepCheckpoint(Callback):
 
     def write(self, learn) -> None:
         began = time.perf_counter()
-        state = mid_epoch_state(learn, self.stream_states(learn), self.config, self.vocab)
-        save_checkpoint(self.path, state)
+        self.save(learn)
         self.write_seconds.append(time.perf_counter() - began)
         self.last_write = time.monotonic()
+
+    def save(self, learn) -> None:
+        state = mid_epoch_state(learn, self.stream_states(learn), self.config, self.vocab)
+        save_checkpoint(self.path, state)
