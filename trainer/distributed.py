@@ -12,8 +12,10 @@ like one process with batch size `N * B`.
 - Checkpoints go through Ray Train (`ray.train.report(..., checkpoint=...)`) into
   `storage` (a folder every node can reach, or `s3://...`). After a worker or node
   failure Ray Train restarts the group (`max_failures`) and every worker resumes from the
-  last reported epoch; the epoch the failure interrupted is redone from its first batch
-  and the log says so. `--resume` continues a run whose driver itself was lost.
+  last reported checkpoint: mid-epoch with `checkpoint_every`/`checkpoint_minutes`
+  (`trainer.distributed_resume`), else the interrupted epoch is redone from its first
+  batch; the log says which. `--resume` continues a run whose driver itself was lost, on
+  the same or another number of workers.
 - At the end the driver (on the head node) writes `last.pt`, `model.pt`,
   `metrics.json`/`.csv` and `config.json` into RUN_DIR from the last checkpoint, so the
   results are on the head node even when rank 0 ran elsewhere.
