@@ -260,6 +260,11 @@ class ShardStream:
         self.epoch, self._now = at.epoch, None
         self._pending = at if at.batches or at.rest is not None else None
 
+    def batches_left(self) -> int:
+        """Batches the next iteration yields: `len(self)`, or the rest of a loaded epoch."""
+        at = self._pending or Position(self.epoch)
+        return plan_at(self.shards, self._setup(), at).num_batches - at.batches
+
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """This rank's plan for `epoch` (default: the next one)."""
         if self.mixed:

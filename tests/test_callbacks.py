@@ -107,7 +107,8 @@ def test_avg_stats_are_batch_size_weighted():
     learn.fit(1, cbs=[cb])
     row = learn.history[0]
     assert set(row) == {"epoch", "train_loss", "train_accuracy", "valid_loss", "accuracy",
-                        "seconds", "data_wait", "images_per_s"}
+                        "train_samples", "seconds", "data_wait", "images_per_s"}
+    assert row["train_samples"] == sum(sizes)
     expected_train = sum(loss * n for loss, n in per_batch_train) / sum(sizes)
     assert row["train_loss"] == pytest.approx(expected_train, rel=1e-5)
 
@@ -224,8 +225,8 @@ def test_progress_prints_plain_lines_off_a_terminal():
     learn.fit(2)
     assert len(lines) == 3
     header = lines[0].split()
-    assert header == ["epoch", "train_loss", "train_accuracy", "valid_loss", "accuracy", "time",
-                      "data_wait", "images_per_s"]
+    assert header == ["epoch", "train_loss", "train_accuracy", "valid_loss", "accuracy",
+                      "train_samples", "time", "data_wait", "images_per_s"]
     for epoch, line in enumerate(lines[1:]):
         cells = line.split()
         assert cells[0] == str(epoch)

@@ -34,6 +34,7 @@ from trainer.callbacks import (
     ProgressCallback,
     ProgressiveResize,
     Recorder,
+    StepCheckpoint,
     TestTimeAugmentation,
 )
 from trainer.config import FitConfig, FitError
@@ -132,8 +133,13 @@ def make_learner(config: FitConfig, streams: DataPair, run_dir: str | Path | Non
 
 
 def run_callbacks(config: FitConfig, run_dir: str | Path, vocab: Any) -> list:
-    """The metrics files and last.pt after every epoch (the main process only)."""
-    return [MetricsLogger(run_dir), CheckpointCallback(run_dir, config.to_dict(), vocab)]
+    """The metrics files and last.pt after every epoch, and every `checkpoint_every` steps
+    or `checkpoint_minutes` (the main process only)."""
+    cbs = [MetricsLogger(run_dir), CheckpointCallback(run_dir, config.to_dict(), vocab)]
+    if config.checkpoint_every or config.checkpoint_minutes:
+        cbs.append(StepCheckpoint(run_dir, config.to_dict(), vocab, config.checkpoint_every,
+                                  config.checkpoint_minutes))
+    return cbs
 
 
 def schedule_callbacks(config: FitConfig) -> list:

@@ -22,7 +22,7 @@ RENAMED_FIELDS = {"bs": "batch_size", "workers": "actors"}
 # Settings that may change when a run is resumed: they do not change what is computed
 # (epochs is checked separately: it must stay the same for the schedule to line up).
 RUNTIME_FIELDS = frozenset({"address", "device", "resume", "force", "cache_dir", "cache_limit",
-                            "tta"})
+                            "tta", "checkpoint_every", "checkpoint_minutes"})
 
 
 class FitError(RuntimeError):
@@ -65,6 +65,8 @@ class FitConfig:
     cache_limit: str = "50GB"  # the cache's size bound (bytes, or "50GB", "512MiB", ...)
     init: str | None = None  # start from this run folder, model.pt or state-dict file
     freeze_epochs: int = 0  # the first N of `epochs` train the head (and BatchNorm) only
+    checkpoint_every: int = 200  # also write last.pt every N training steps (0: off)
+    checkpoint_minutes: float | None = None  # ... and/or every M minutes (None: off)
 
     def __post_init__(self) -> None:
         problems = []
@@ -99,6 +101,10 @@ class FitConfig:
             problems.append(f"mixup alpha must be >= 0 (0 = off), got {self.mixup}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.checkpoint_every < 0:
+            problems.append(f"checkpoint_every must be >= 0 (0 = off), got {self.checkpoint_every}")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            problems.append(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
         if self.actors is not None and self.actors < 1:
             problems.append(f"actors must be >= 1, got {self.actors}")
         if not 0 <= self.freeze_epochs <= self.epochs:

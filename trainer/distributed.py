@@ -13,8 +13,10 @@ its own `B` samples, and the running statistics kept are rank 0's (DDP broadcast
 - Checkpoints go through Ray Train (`ray.train.report(..., checkpoint=...)`) into
   `storage` (a folder every node can reach, or `s3://...`). After a worker or node
   failure Ray Train restarts the group (`max_failures`) and every worker resumes from the
-  last reported epoch; the epoch the failure interrupted is redone from its first batch
-  and the log says so. `--resume` continues a run whose driver itself was lost.
+  last reported checkpoint: mid-epoch with `checkpoint_every`/`checkpoint_minutes`
+  (`trainer.distributed_resume`), else the interrupted epoch is redone from its first
+  batch; the log says which. `--resume` continues a run whose driver itself was lost, on
+  the same or another number of workers.
 - At the end the driver (on the head node) writes `last.pt`, `model.pt`,
   `metrics.json`/`.csv` and `config.json` into RUN_DIR from the last checkpoint, so the
   results are on the head node even when rank 0 ran elsewhere.
@@ -50,10 +52,10 @@ from trainer.callbacks import (
     MetricsLogger,
     checkpoint_state,
     load_checkpoint,
-    restore,
     save_checkpoint,
 )
 from trainer.config import FitConfig, FitError
+from trainer.distributed_resume import RankStepCheckpoint, resume_rank
 from trainer.lsuv import lsuv_init
 from trainer.models import create_model
 from trainer.run_dir import (
@@ -176,13 +178,16 @@ def train_worker(loop_config: dict) -> None:
         vocab = streams.train.vocab
         learn = make_learner(config, streams, run_dir, is_main)
         learn.model.to(device, memory_format=torch.channels_last)  # before DDP sees it
-        start_epoch = 0
+        start_epoch = start_iter = 0
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 state = load_checkpoint(Path(folder) / LAST_NAME, vocab.fingerprint)
-            start_epoch = restore(learn, state)
-            if is_main:
+            start_epoch, start_iter = resume_rank(learn, state, rank)
+            if is_main and start_iter:
+                print(f"tench fit: resuming epoch {start_epoch} at training batch "
+                      f"{start_iter} of {len(streams.train)} (the last checkpoint)", flush=True)
+            elif is_main:
                 print(f"tench fit: resuming from the checkpoint of epoch {state['epoch']}; "
                       f"epoch {start_epoch} is redone from its first batch (whatever it had "
                       f"trained before the failure is discarded)", flush=True)
@@ -194,6 +199,9 @@ def train_worker(loop_config: dict) -> None:
             lsuv_init(learn.model, first_float_batch(learn))
         learn.model = ray.train.torch.prepare_model(learn.model, move_to_device=False)
         cbs = [ReduceStats(), RayTrainReport(config, vocab, run_dir, is_main)]
+        if config.checkpoint_every or config.checkpoint_minutes:
+            cbs.append(RankStepCheckpoint(config.to_dict(), vocab, run_dir, is_main,
+                                          config.checkpoint_every, config.checkpoint_minutes))
         if is_main:
             cbs.append(MetricsLogger(run_dir))
         extra = loop_config.get("callbacks")
@@ -201,7 +209,8 @@ def train_worker(loop_config: dict) -> None:
             cbs += list(extra(rank, world_size))
         learn.add_cbs(cbs)
         if start_epoch < config.epochs:
-            learn.fit(config.epochs, cbs=schedule_callbacks(config), start_epoch=start_epoch)
+            learn.fit(config.epochs, cbs=schedule_callbacks(config), start_epoch=start_epoch,
+                      start_iter=start_iter)
     finally:
         close_streams(streams)
 

@@ -27,9 +27,16 @@ from trainer.build import (
     run_callbacks,
     schedule_callbacks,
 )
-from trainer.callbacks import CheckpointError, NonFiniteLossError, load_checkpoint, lr_find, restore
+from trainer.callbacks import (
+    CheckpointError,
+    NonFiniteLossError,
+    load_checkpoint,
+    lr_find,
+    remove_partial_checkpoints,
+    resume_position,
+)
 from trainer.callbacks.resize import parse_size
-from trainer.config import OPTIMIZERS, FitConfig, FitError
+from trainer.config import OPTIMIZERS, RUNTIME_FIELDS, FitConfig, FitError
 from trainer.distributed import add_cluster_arguments, main_distributed
 from trainer.lsuv import lsuv_init
 from trainer.models import ARCHS
@@ -61,8 +68,9 @@ def resume_checkpoint(config: FitConfig) -> tuple[dict, FitConfig]:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise FitError(f"{path}: --resume must keep the run's settings, but these differ "
                        f"({listed}); resume without them or start a new run")
-    return ckpt, stored.replace(resume=True, shards=config.shards, out=config.out,
-                                address=config.address, device=config.device, tta=config.tta)
+    runtime = {name: getattr(config, name) for name in RUNTIME_FIELDS}
+    return ckpt, stored.replace(**{**runtime, "resume": True, "shards": config.shards,
+                                   "out": config.out})
 
 
 def run_fit(config: FitConfig) -> dict:
@@ -82,9 +90,13 @@ def run_fit(config: FitConfig) -> dict:
         if config.actors is None:  # record the resolved count: it fixes the batch order
             config = config.replace(actors=streams.train.num_actors)
         learn = make_learner(config, streams, run_dir)
-        start_epoch = 0
+        start_epoch = start_iter = 0
         if ckpt is not None:
-            start_epoch = restore(learn, ckpt)
+            remove_partial_checkpoints(run_dir)  # a write the kill interrupted
+            start_epoch, start_iter = resume_position(learn, ckpt)
+            if start_iter:
+                print(f"resuming epoch {start_epoch} at training batch {start_iter} of "
+                      f"{len(streams.train)}", flush=True)
         else:
             if config.init:
                 report = load_init(learn.model, read_init_source(config.init), vocab, config.arch)
@@ -99,7 +111,8 @@ def run_fit(config: FitConfig) -> dict:
                       flush=True)
         write_config(run_dir, config)
         learn.add_cbs(run_callbacks(config, run_dir, vocab))
-        learn.fit(config.epochs, cbs=schedule_callbacks(config), start_epoch=start_epoch)
+        learn.fit(config.epochs, cbs=schedule_callbacks(config), start_epoch=start_epoch,
+                  start_iter=start_iter)
         model_path = save_model(run_dir, learn.model, config, vocab, stats)
     finally:
         close_streams(streams)
@@ -175,7 +188,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 "training processes on a cluster are --num-workers")
     parser.add_argument("--seed", type=int, default=s, help=f"default {d.seed}")
     parser.add_argument("--resume", action="store_true", default=s,
-                        help="continue RUN_DIR from its last completed epoch (last.pt)")
+                        help="continue RUN_DIR from its last checkpoint (last.pt), mid-epoch "
+                             "or not")
+    parser.add_argument("--checkpoint-every", type=int, default=s, metavar="N",
+                        help="also write last.pt every N training steps (0: only after each "
+                             f"epoch; default {d.checkpoint_every})")
+    parser.add_argument("--checkpoint-minutes", type=float, default=s, metavar="M",
+                        help="also write last.pt every M minutes (default off)")
     parser.add_argument("--force", action="store_true", default=s,
                         help="start over in a non-empty RUN_DIR (replaces tench's files there)")
     parser.add_argument("--address", default=s, help="Ray cluster to join (e.g. auto)")

@@ -8,6 +8,7 @@ argument of every event method and read or replace the few attributes the loop e
     model, opt, data, loss_func, lr      what is trained, and how
     xb, yb, pred, loss, loss_grad, batch the current batch (loss_grad is what backward() runs on)
     epoch, n_epochs, start_epoch         epoch index, epochs planned for this fit, where it began
+    start_iter                           batches of epoch `start_epoch` done before this fit
     iter, n_iter                         batch index in the current pass, len(stream) or None
     training                             True in the training pass, False in validation
     pct_train                            position in [0, 1] over the whole fit (for schedules)
@@ -86,7 +87,7 @@ class Learner:
         self.cbs: list = []
         self._handlers: dict[str, tuple] = {event: () for event in EVENTS}
         self.history: list[dict] = []
-        self.epoch = self.n_epochs = self.start_epoch = self.iter = 0
+        self.epoch = self.n_epochs = self.start_epoch = self.start_iter = self.iter = 0
         self.n_iter: int | None = None
         self.training = False
         self.pct_train = 0.0
@@ -129,27 +130,36 @@ class Learner:
             if result is not None:
                 raise returned_value_error(handler, result)
 
+    @property
+    def mid_epoch_resume(self) -> bool:
+        """True during epoch `start_epoch` of a fit that resumed it at batch `start_iter` > 0
+        (callbacks with per-epoch state restore it then, instead of starting afresh)."""
+        return bool(self.start_iter) and self.epoch == self.start_epoch
+
     # --- the loop --------------------------------------------------------------------
     def create_opt(self) -> Any:
         self.opt = self.opt_func(self.splitter(self.model), lr=self.lr)
         return self.opt
 
-    def fit(self, n_epochs: int, cbs: Iterable[Callback] = (), start_epoch: int = 0) -> None:
+    def fit(self, n_epochs: int, cbs: Iterable[Callback] = (), start_epoch: int = 0,
+            start_iter: int = 0) -> None:
         """Train for epochs `start_epoch .. n_epochs-1`; `cbs` are attached for this fit only.
 
         `start_epoch` resumes a run: schedules see the same `pct_train` as in an
-        uninterrupted run of `n_epochs`.
+        uninterrupted run of `n_epochs`. `start_iter` resumes mid-epoch: the training
+        stream already yields only the rest of epoch `start_epoch` (its `load_state_dict`),
+        whose first batch is then batch `start_iter`.
         """
-        if n_epochs < 1 or not 0 <= start_epoch <= n_epochs:
+        if n_epochs < 1 or not 0 <= start_epoch <= n_epochs or start_iter < 0:
             raise ValueError(
-                f"fit needs n_epochs >= 1 and 0 <= start_epoch <= n_epochs, "
-                f"got n_epochs={n_epochs}, start_epoch={start_epoch}"
+                f"fit needs n_epochs >= 1, 0 <= start_epoch <= n_epochs and start_iter >= 0, "
+                f"got n_epochs={n_epochs}, start_epoch={start_epoch}, start_iter={start_iter}"
             )
         added = self.add_cbs(cbs)
         try:
             if self.opt is None:
                 self.create_opt()
-            self.n_epochs, self.start_epoch = n_epochs, start_epoch
+            self.n_epochs, self.start_epoch, self.start_iter = n_epochs, start_epoch, start_iter
             self.epoch, self.pct_train = start_epoch, start_epoch / n_epochs
             try:
                 self("before_fit")
@@ -180,7 +190,7 @@ class Learner:
         self.n_iter = stream_length(stream)
         try:
             self("before_train")
-            self._all_batches(stream)
+            self._all_batches(stream, self.start_iter if self.mid_epoch_resume else 0)
             self.pct_train = (self.epoch + 1) / self.n_epochs
         except CancelTrain:
             self("after_cancel_train")
@@ -200,10 +210,10 @@ class Learner:
             self("after_cancel_validate")
         self("after_validate")
 
-    def _all_batches(self, stream: Iterable) -> None:
-        self.iter = 0
+    def _all_batches(self, stream: Iterable, first: int = 0) -> None:
+        self.iter = first
         batches = self._timed(stream)
-        for self.iter, batch in enumerate(batches):
+        for self.iter, batch in enumerate(batches, first):
             self._one_batch(batch)
 
     def _timed(self, stream: Iterable) -> Iterator:

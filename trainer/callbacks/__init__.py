@@ -32,6 +32,12 @@ from trainer.callbacks.recorder import Recorder, SmoothLoss
 from trainer.callbacks.resize import ProgressiveResize
 from trainer.callbacks.schedule import ParamScheduler
 from trainer.callbacks.stats import AvgStatsCallback, MetricsLogger, accuracy
+from trainer.callbacks.step_checkpoint import (
+    StepCheckpoint,
+    mid_epoch_state,
+    remove_partial_checkpoints,
+    resume_position,
+)
 from trainer.callbacks.tta import TestTimeAugmentation
 
 __all__ = [
@@ -44,4 +50,5 @@ __all__ = [
     "ProgressCallback", "Recorder", "SmoothLoss", "accuracy", "checkpoint_state",
     "load_checkpoint", "lr_find", "restore", "save_checkpoint", "valley",
     "ProgressiveResize", "TestTimeAugmentation",
+    "StepCheckpoint", "mid_epoch_state", "remove_partial_checkpoints", "resume_position",
 ]

@@ -15,6 +15,7 @@ Layout (only tensors, numbers, strings, lists and dicts, so it loads with
     vocab_fingerprint  sha256 of the vocab (see shards.vocab), or None
     callbacks          {class name: state_dict()} of callbacks that keep state (the fp16
                        GradScaler's loss scale); older checkpoints without it still load
+    mid_epoch          only in a checkpoint written mid-epoch (see `step_checkpoint`)
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ Generator seeded by (seed, epoch), so a resumed run mixes exactly as an uninterr
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from trainer.callbacks.core import Callback
@@ -30,9 +32,23 @@ class MixUp(Callback):
         self.alpha, self.seed = alpha, seed
         self.rng: np.random.Generator | None = None
         self.y_perm = self.lam = None
+        self.epoch, self._resume = 0, None
+
+    def state_dict(self) -> dict:
+        """Where this epoch's draws stand (the generator's state, as JSON-able text), so a
+        run resumed mid-epoch mixes its remaining batches as an uninterrupted one would."""
+        rng = None if self.rng is None else json.dumps(self.rng.bit_generator.state)
+        return {"epoch": self.epoch, "rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state
 
     def before_train(self, learn) -> None:
-        self.rng = np.random.default_rng((self.seed, learn.epoch))
+        self.rng, self.epoch = np.random.default_rng((self.seed, learn.epoch)), learn.epoch
+        saved, self._resume = self._resume, None
+        if saved is not None and saved["rng"] is not None and saved["epoch"] == learn.epoch \
+                and learn.mid_epoch_resume:
+            self.rng.bit_generator.state = json.loads(saved["rng"])
 
     def before_batch(self, learn) -> None:
         if learn.training:
