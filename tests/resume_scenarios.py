@@ -85,7 +85,7 @@ def main(scenario: str, work: Path) -> None:
             watcher = threading.Thread(target=remove_a_training_node,
                                        args=(cluster, requests, result), daemon=True)
             watcher.start()
-            loss = NodeLoss(str(requests), epoch=FAULT_EPOCH, batch=FAULT_BATCH)
+            loss = NodeLoss(str(requests), str(work / "run"), epoch=FAULT_EPOCH, batch=FAULT_BATCH)
             summary = run_distributed(base.replace(out=str(work / "run")),
                                       ClusterOptions(num_workers=2, max_failures=2,
                                                      placement="spread"),

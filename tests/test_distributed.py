@@ -175,15 +175,19 @@ def test_with_batchnorm_each_worker_normalises_its_own_part(two_workers):
     trained, per_worker, start = train_on_the_global_batches(result, "bn_summary", "bn_record",
                                                              per_worker_bn=True)
     assert any("running_mean" in k for k in trained)  # the model has BatchNorm
-    # Weights move ~1e-2 in this run; DDP's reduction order, through Adam and BatchNorm,
-    # leaves ~1e-5 of float difference (measured), the wrong kind of BatchNorm ~1e-2.
-    tolerance = {"rtol": 1e-3, "atol": 1e-4}
-    assert_same_weights(trained, per_worker, start, **tolerance)
-    # ...and that is not one process with batch N*B: its BatchNorm sees all 2B samples
-    trained, global_bn, _ = train_on_the_global_batches(result, "bn_summary", "bn_record",
-                                                        per_worker_bn=False)
-    assert any(not torch.allclose(trained[k], v, **tolerance)
-               for k, v in global_bn.items() if v.is_floating_point())
+    # Weights move ~1e-2 in this run. DDP's reduction order, through Adam (whose step divides
+    # by the gradients' running size, so a near-zero gradient's float noise can move a weight
+    # by up to lr) and BatchNorm, leaves 1e-5..3e-4 between runs; the wrong kind of BatchNorm
+    # leaves ~1e-2. So: close, and several times closer than one process with batch N*B.
+    assert_same_weights(trained, per_worker, start, rtol=1e-3, atol=1e-3)
+    _, global_bn, _ = train_on_the_global_batches(result, "bn_summary", "bn_record",
+                                                  per_worker_bn=False)
+    own = max_difference(trained, per_worker)
+    assert max_difference(trained, global_bn) > 5 * own
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max(float((a[k] - v).abs().max()) for k, v in b.items() if v.is_floating_point())
 
 
 def assert_epoch_1_redone_whole(result: dict, output: str) -> None:

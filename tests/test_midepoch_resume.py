@@ -97,7 +97,8 @@ def close(learn: Learner) -> None:
 
 
 def rows(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+    timing = {"seconds", "data_wait", "images_per_s"}  # wall-clock readings differ run to run
+    return [{k: v for k, v in row.items() if k not in timing} for row in history]
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +212,7 @@ def test_tench_fit_killed_three_ways_resumes_bit_identical(fit_data):
     while not (run / "last.pt").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
         time.sleep(0.01)
-    time.sleep(float(torch.rand(1)) * 2)
+    time.sleep(float(torch.rand(1)) * 0.1)  # the run ends within ~1 s of its first checkpoint
     os.kill(proc.pid, signal.SIGKILL)
     code, _, _ = finish(proc)
     assert code == -signal.SIGKILL and not (run / "model.pt").exists()

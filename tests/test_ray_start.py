@@ -22,7 +22,7 @@ def modules():
 
 from pipeline.actors import ShardReader
 
-reader = ray.remote(ShardReader).remote(None)
+reader = ray.remote(ShardReader).remote([])  # no source: only its threads are asked
 print("RESULT " + json.dumps({"started": started, "cpus": ray.cluster_resources()["CPU"],
                               "modules": ray.get(modules.remote()),
                               "actor_threads": ray.get(reader.torch_threads.remote())}))

@@ -137,6 +137,9 @@ class FitConfig:
         and `one_cycle` must be true (the one schedule tench trains with).
         """
         data = dict(data)
+        for name in ("more_shards", "weights"):  # JSON has lists where the config has tuples
+            if isinstance(data.get(name), list):
+                data[name] = tuple(data[name])
         for old, new in RENAMED_FIELDS.items():
             if old in data:
                 if new in data:
