@@ -21,8 +21,10 @@ def modules():
     return sorted(m for m in ("torch", "torchvision", "pipeline.actors") if m in sys.modules)
 
 from pipeline.actors import ShardReader
+from pipeline.source import ShardSource
 
-reader = ray.remote(ShardReader).remote([])  # no source: only its threads are asked
+reader = ray.remote(ShardReader).remote(ShardSource.of("/nowhere"))  # only its threads
+
 print("RESULT " + json.dumps({"started": started, "cpus": ray.cluster_resources()["CPU"],
                               "modules": ray.get(modules.remote()),
                               "actor_threads": ray.get(reader.torch_threads.remote())}))

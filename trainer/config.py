@@ -123,7 +123,12 @@ class FitConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON types (tuples as lists), as config.json and last.pt hold it."""
+        data = dataclasses.asdict(self)
+        for name in ("more_shards", "weights"):
+            if isinstance(data[name], tuple):
+                data[name] = list(data[name])
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
