@@ -74,10 +74,12 @@ def test_a_removed_node_redoes_only_the_steps_since_the_last_checkpoint(tmp_path
     assert f"resuming epoch 1 at training batch {CHECKPOINT_BATCHES} of 6" in output
     before, after = check_epoch_1(result, output, CHECKPOINT_BATCHES)
     assert len(set(x["iter"] for x in after)) == 3  # batches 3, 4, 5
-    # the lost attempt reached batch 4: batches 3 and 4 are redone (2 steps, not 5)
-    assert max(x["iter"] for x in before) == 4
+    # the lost attempt reached batch 4 (the surviving rank may finish batch 5 before DDP sees
+    # the loss): only the batches since the checkpoint are redone, 2-3 steps instead of 5-6
+    last = max(x["iter"] for x in before)
+    assert last in (4, 5)
     redone = {x["iter"] for x in after} & {x["iter"] for x in before}
-    assert redone == {3, 4}
+    assert redone == set(range(CHECKPOINT_BATCHES, last + 1))
     assert {x["world"] for x in after} == {2}
 
 
