@@ -173,8 +173,7 @@ class ShardReader:
 
     # ------------------------------------------------------------------ the pipeline
     def _iter_batches(self, task: ActorTask, skip_batches: int) -> Iterator[BatchData]:
-        rng = np.random.default_rng(list(task.shuffle_seed)) if task.shuffle_seed else None
-        records = shuffled(self._records(task.segments), self.shuffle_buffer, rng)
+        records = shuffled(self._records(task.segments), self.shuffle_buffer, task.shuffle_rng())
         for b, n in enumerate(task.batch_sizes):
             chunk = list(islice(records, n))  # may be short when a shard was skipped
             if b >= skip_batches:  # batches below were delivered before a restart

@@ -75,6 +75,11 @@ class ActorTask:
         """Entropy for the actor's shuffle buffer; None: in order."""
         return (self.seed, self.epoch, 1, self.rank, self.actor) if self.shuffle else None
 
+    def shuffle_rng(self) -> np.random.Generator | None:
+        """The generator of the actor's shuffle buffer (the reader's and the resume's)."""
+        seed = self.shuffle_seed
+        return None if seed is None else np.random.default_rng(list(seed))
+
     @property
     def num_samples(self) -> int:
         return sum(self.batch_sizes)

@@ -93,8 +93,7 @@ def record_order(task: ActorTask, shuffle_buffer: int) -> Iterator[int]:
     The same bounded shuffle, from the same seed, as `ShardReader._iter_batches` runs on
     the records themselves (tests/test_plan.py checks the two against each other).
     """
-    rng = np.random.default_rng(list(task.shuffle_seed)) if task.shuffle_seed else None
-    return shuffled(range(task.num_samples), shuffle_buffer, rng)
+    return shuffled(range(task.num_samples), shuffle_buffer, task.shuffle_rng())
 
 
 def handed_out(plan: EpochPlan, batches: int, shuffle_buffer: int) -> dict[str, np.ndarray]:

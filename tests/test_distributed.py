@@ -28,9 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "tests" / "cluster_scenarios.py"
 
 
-def run_scenario(name: str, work: Path, timeout: float = 300) -> tuple[dict, str]:
+def run_scenario(name: str, work: Path, timeout: float = 300,
+                 scenarios: Path = SCENARIOS) -> tuple[dict, str]:
+    """Run one scenario of `scenarios` in its own process; (its RESULT json, its output)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
-    proc = subprocess.run([sys.executable, str(SCENARIOS), name, str(work)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, str(scenarios), name, str(work)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]

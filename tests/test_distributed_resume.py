@@ -10,14 +10,12 @@ every 3 steps: at epoch 1, batch 2 (step 9); the fault comes at epoch 1, batch 4
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from tests.test_distributed import run_scenario as run_cluster_scenario
 from trainer.callbacks import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,14 +23,8 @@ SCENARIOS = ROOT / "tests" / "resume_scenarios.py"
 CHECKPOINT_BATCHES = 3  # the checkpoint of step 9: epoch 1 with 3 batches done
 
 
-def run_scenario(name: str, work: Path, timeout: float = 600) -> tuple[dict, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
-    proc = subprocess.run([sys.executable, str(SCENARIOS), name, str(work)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):]), output
+def run_scenario(name: str, work: Path) -> tuple[dict, str]:
+    return run_cluster_scenario(name, work, timeout=600, scenarios=SCENARIOS)
 
 
 def steps_of_epoch_1(result: dict) -> list[dict]:

@@ -32,7 +32,6 @@ from trainer.callbacks import (
     NonFiniteLossError,
     load_checkpoint,
     lr_find,
-    remove_partial_checkpoints,
     resume_position,
 )
 from trainer.callbacks.resize import parse_size
@@ -92,7 +91,6 @@ def run_fit(config: FitConfig) -> dict:
         learn = make_learner(config, streams, run_dir)
         start_epoch = start_iter = 0
         if ckpt is not None:
-            remove_partial_checkpoints(run_dir)  # a write the kill interrupted
             start_epoch, start_iter = resume_position(learn, ckpt)
             if start_iter:
                 print(f"resuming epoch {start_epoch} at training batch {start_iter} of "

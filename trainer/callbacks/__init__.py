@@ -35,7 +35,6 @@ from trainer.callbacks.stats import AvgStatsCallback, MetricsLogger, accuracy
 from trainer.callbacks.step_checkpoint import (
     StepCheckpoint,
     mid_epoch_state,
-    remove_partial_checkpoints,
     resume_position,
 )
 from trainer.callbacks.tta import TestTimeAugmentation
@@ -50,5 +49,5 @@ __all__ = [
     "ProgressCallback", "Recorder", "SmoothLoss", "accuracy", "checkpoint_state",
     "load_checkpoint", "lr_find", "restore", "save_checkpoint", "valley",
     "ProgressiveResize", "TestTimeAugmentation",
-    "StepCheckpoint", "mid_epoch_state", "remove_partial_checkpoints", "resume_position",
+    "StepCheckpoint", "mid_epoch_state", "resume_position",
 ]

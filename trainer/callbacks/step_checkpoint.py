@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shards.atomic import TMP_SUFFIX
 from trainer.callbacks.checkpoint import checkpoint_state, restore, save_checkpoint
 from trainer.callbacks.core import Callback
 from trainer.run_dir import LAST_NAME
@@ -51,14 +50,6 @@ def resume_position(learn, ckpt: dict) -> tuple[int, int]:
     stream = learn.data.train
     stream.load_state_dict(mid["streams"])
     return stream.epoch, len(stream) - stream.batches_left()
-
-
-def remove_partial_checkpoints(folder: str | Path, name: str = LAST_NAME) -> list[Path]:
-    """Delete what a process killed while writing `name` left (its temporary file)."""
-    stale = sorted(Path(folder).glob(f".{name}.*{TMP_SUFFIX}"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
 
 
 class StepCheckpoint(Callback):
