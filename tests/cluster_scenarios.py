@@ -54,8 +54,10 @@ class Recorder:
         return [RecordBatches(self.folder, rank)]
 
 
-def wait_for_checkpoint(run_dir: Path, epoch: int, timeout: float = 180) -> None:
-    """Wait until Ray Train's controller has registered the checkpoint of `epoch`.
+def wait_for_checkpoint(run_dir: Path, epoch: int, batches: int | None = None,
+                        timeout: float = 180) -> None:
+    """Wait until Ray Train's controller has registered the checkpoint of `epoch` (its end),
+    or with `batches`, the mid-epoch one taken after that many batches of `epoch`.
 
     Workers hand checkpoints over with `ray.train.report`; the controller collects them by
     polling, and once it has registered one it rewrites `checkpoint_manager_snapshot.json`
@@ -70,11 +72,23 @@ def wait_for_checkpoint(run_dir: Path, epoch: int, timeout: float = 180) -> None
             latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
         except (FileNotFoundError, json.JSONDecodeError):  # not yet, or half written
             latest = {}
-        if latest.get("metrics", {}).get("epoch", -1) >= epoch:
+        if reached(latest.get("metrics", {}), epoch, batches):
             return
         time.sleep(0.1)
-    raise TimeoutError(f"{snapshot}: Ray Train registered no checkpoint of epoch {epoch} "
+    at = f"epoch {epoch}" + (f", batch {batches}" if batches is not None else "")
+    raise TimeoutError(f"{snapshot}: Ray Train registered no checkpoint of {at} "
                        f"within {timeout:.0f}s")
+
+
+def reached(metrics: dict, epoch: int, batches: int | None) -> bool:
+    """Is the checkpoint with these metrics at or past the point asked for? An epoch's end
+    reports no `batches`; a mid-epoch checkpoint reports how many were done."""
+    done = metrics.get("epoch", -1)
+    if batches is None:
+        return done >= epoch
+    if "batches" not in metrics:
+        return done >= epoch  # the end of `epoch` is past any batch of it
+    return done > epoch or (done == epoch and metrics["batches"] >= batches)
 
 
 class KillOnce(Callback):
@@ -88,7 +102,7 @@ class KillOnce(Callback):
     def after_batch(self, learn) -> None:
         if (learn.training and learn.epoch == self.epoch and learn.iter == self.batch
                 and not self.marker.exists()):
-            wait_for_checkpoint(self.run_dir, self.epoch - 1)
+            wait_for_checkpoint(self.run_dir, *self.checkpoint)
             self.marker.write_text(str(os.getpid()))
             os._exit(1)
 
@@ -108,7 +122,8 @@ class RecordWithFault(Recorder):
 class NodeLoss(Callback):
     """At one batch of one epoch, ask the scenario to remove this rank's node, once.
 
-    Each rank waits for Ray Train to register the previous epoch's checkpoint, writes the id
+    Each rank waits for Ray Train to register the previous epoch's checkpoint (or the one given
+    as `checkpoint=(epoch, batches)`, a mid-epoch one), writes the id
     of its node and its pid to `folder/request-rank{r}.txt` and waits; the scenario removes
     one of those nodes (`Cluster.remove_node`: its raylet and Ray's processes go, nothing
     signals the training process) and writes the node's id to `folder/removed.txt`. A rank
@@ -117,9 +132,10 @@ class NodeLoss(Callback):
     """
 
     def __init__(self, folder: str, run_dir: str, epoch: int, batch: int,
-                 patience: float = 240):
+                 patience: float = 240, checkpoint: tuple[int, int | None] | None = None):
         self.folder, self.run_dir = Path(folder), Path(run_dir)
         self.epoch, self.batch, self.patience = epoch, batch, patience
+        self.checkpoint = checkpoint or (epoch - 1, None)  # (epoch, batches) to wait for
 
     def after_batch(self, learn) -> None:
         import ray
@@ -128,7 +144,7 @@ class NodeLoss(Callback):
         removed = self.folder / "removed.txt"
         if (learn.training and learn.epoch == self.epoch and learn.iter == self.batch
                 and not removed.exists()):
-            wait_for_checkpoint(self.run_dir, self.epoch - 1)
+            wait_for_checkpoint(self.run_dir, *self.checkpoint)
             node = ray.get_runtime_context().get_node_id()
             rank = ray.train.get_context().get_world_rank()
             (self.folder / f"request-rank{rank}.txt").write_text(f"{node} {os.getpid()}")

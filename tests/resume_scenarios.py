@@ -16,14 +16,15 @@ import json
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
-from tests.cluster_scenarios import make_shards, remove_a_training_node, start_cluster
+from tests.cluster_scenarios import (NodeLoss, make_shards, remove_a_training_node,
+                                     start_cluster, wait_for_checkpoint)
 from trainer.callbacks import Callback
 from trainer.config import FitConfig
 
 FAULT_EPOCH, FAULT_BATCH, EVERY = 1, 4, 3
+CHECKPOINT_BATCHES = 3  # the last checkpoint before the fault: step 9, epoch 1's 3rd batch
 
 
 class LogSteps(Callback):
@@ -44,17 +45,16 @@ class LogSteps(Callback):
 
 
 class FailOnce(Callback):
-    """Raise at one batch of one epoch, on every rank, once (a marker file remembers)."""
+    """Raise at one batch of one epoch, on every rank, once (a marker file remembers), after
+    Ray Train's controller has registered the checkpoint before it."""
 
-    def __init__(self, marker: str):
-        self.marker = Path(marker)
+    def __init__(self, marker: str, run_dir: str):
+        self.marker, self.run_dir = Path(marker), Path(run_dir)
 
     def after_batch(self, learn) -> None:
         if (learn.training and learn.epoch == FAULT_EPOCH and learn.iter == FAULT_BATCH
                 and not self.marker.exists()):
-            import time
-
-            time.sleep(3)  # let Ray Train's controller register the last checkpoint
+            wait_for_checkpoint(self.run_dir, FAULT_EPOCH, CHECKPOINT_BATCHES)
             self.marker.write_text("failed")
             raise RuntimeError("injected failure")
 
@@ -69,33 +69,6 @@ class Steps:
         return [LogSteps(self.folder, rank, world_size)] + ([self.fault] if self.fault else [])
 
 
-
-class MidEpochNodeLoss(Callback):
-    """At one batch of one epoch, ask the scenario to remove this rank's node, once.
-
-    Unlike cluster_scenarios.NodeLoss (which waits for an epoch's checkpoint to be
-    registered), the checkpoint to wait for here is a mid-epoch one, which Ray Train's
-    snapshot does not tell apart; so this one still gives the controller 3 s to register
-    it (open: wait on the event, as #17 asks of the other scenarios).
-    """
-
-    def __init__(self, folder: str, epoch: int, batch: int):
-        self.folder, self.epoch, self.batch = Path(folder), epoch, batch
-
-    def after_batch(self, learn) -> None:
-        import ray
-        import ray.train
-
-        removed = self.folder / "removed.txt"
-        if (learn.training and learn.epoch == self.epoch and learn.iter == self.batch
-                and not removed.exists()):
-            time.sleep(3)
-            node = ray.get_runtime_context().get_node_id()
-            rank = ray.train.get_context().get_world_rank()
-            (self.folder / f"request-rank{rank}.txt").write_text(f"{node} {os.getpid()}")
-            deadline = time.monotonic() + 120
-            while not removed.exists() and time.monotonic() < deadline:
-                time.sleep(0.2)
 
 def main(scenario: str, work: Path) -> None:
     from trainer.distributed import ClusterOptions, run_distributed
@@ -114,7 +87,8 @@ def main(scenario: str, work: Path) -> None:
             watcher = threading.Thread(target=remove_a_training_node,
                                        args=(cluster, requests, result), daemon=True)
             watcher.start()
-            loss = MidEpochNodeLoss(str(requests), epoch=FAULT_EPOCH, batch=FAULT_BATCH)
+            loss = NodeLoss(str(requests), str(work / "run"), epoch=FAULT_EPOCH,
+                            batch=FAULT_BATCH, checkpoint=(FAULT_EPOCH, CHECKPOINT_BATCHES))
             summary = run_distributed(base.replace(out=str(work / "run")),
                                       ClusterOptions(num_workers=2, max_failures=2,
                                                      placement="spread"),
@@ -123,7 +97,7 @@ def main(scenario: str, work: Path) -> None:
             result.update(summary=summary)
         elif scenario == "elastic":
             config = base.replace(out=str(work / "run"))
-            fail = FailOnce(str(work / "failed.txt"))
+            fail = FailOnce(str(work / "failed.txt"), str(work / "run"))
             try:
                 run_distributed(config, ClusterOptions(num_workers=2, max_failures=0,
                                                        placement="spread"),
