@@ -18,8 +18,13 @@ import sys
 import threading
 from pathlib import Path
 
-from tests.cluster_scenarios import (NodeLoss, make_shards, remove_a_training_node,
-                                     start_cluster, wait_for_checkpoint)
+from tests.cluster_scenarios import (
+    NodeLoss,
+    make_shards,
+    remove_a_training_node,
+    start_cluster,
+    wait_for_checkpoint,
+)
 from trainer.callbacks import Callback
 from trainer.config import FitConfig
 

@@ -257,3 +257,15 @@ def test_storage_folders_are_made_absolute_and_urls_kept(tmp_path, monkeypatch):
     assert _ray_run(run_dir, config, ClusterOptions())[0] == str(run_dir / "ray")
     url = "s3://bucket/tench-checkpoints"
     assert _ray_run(run_dir, config, ClusterOptions(storage=url))[0] == url
+
+
+def test_every_data_set_is_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    """A relative SHARDS, or a relative further data set of a mix, would be read from each
+    worker's own folder: both reach the workers absolute; URLs pass through."""
+    from trainer.distributed import for_workers
+
+    monkeypatch.chdir(tmp_path)
+    config = for_workers(FitConfig(shards="a", more_shards=("b", "http://host/c/"),
+                                   weights=(2, 1, 1)))
+    assert config.shards == str(tmp_path / "a")
+    assert config.more_shards == (str(tmp_path / "b"), "http://host/c")

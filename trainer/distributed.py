@@ -232,6 +232,13 @@ def _ray_run(run_dir: Path, config: FitConfig, options: ClusterOptions) -> tuple
     return storage, name
 
 
+def for_workers(config: FitConfig) -> FitConfig:
+    """`config` with every data set as an absolute path or URL: Ray Train runs each worker in
+    a folder of its own, where a relative path would point."""
+    return config.replace(shards=ShardSource.of(config.shards).url,
+                          more_shards=tuple(ShardSource.of(s).url for s in config.more_shards))
+
+
 def run_distributed(config: FitConfig, options: ClusterOptions,
                     callbacks: Callbacks | None = None) -> dict:
     """Train `config` with `options.num_workers` data-parallel workers; return a summary.
@@ -253,10 +260,8 @@ def run_distributed(config: FitConfig, options: ClusterOptions,
         run_dir = prepare_run_dir(config)
     storage, name = _ray_run(run_dir, config, options)
     ensure_ray(config.address)
-    source = ShardSource.of(config.shards)
-    # Ray Train runs each worker in a folder of its own: a relative SHARDS would point there
-    config = config.replace(shards=source.url)
-    meta = source.read_meta()
+    config = for_workers(config)
+    meta = ShardSource.of(config.shards).read_meta()
     vocab = Vocab.from_json(meta)
     write_config(run_dir, config)
     trainer = TorchTrainer(
