@@ -102,7 +102,7 @@ class KillOnce(Callback):
     def after_batch(self, learn) -> None:
         if (learn.training and learn.epoch == self.epoch and learn.iter == self.batch
                 and not self.marker.exists()):
-            wait_for_checkpoint(self.run_dir, *self.checkpoint)
+            wait_for_checkpoint(self.run_dir, self.epoch - 1)
             self.marker.write_text(str(os.getpid()))
             os._exit(1)
 
