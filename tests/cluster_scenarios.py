@@ -24,13 +24,20 @@ from trainer.run_dir import RAY_RUN_NAME
 
 
 class RecordBatches(Callback):
-    """Save every training batch this rank sees (uint8 images, labels, keys), per epoch."""
+    """Save every training batch this rank sees (uint8 images, labels, keys), per epoch, and
+    the torch thread count it trains with."""
 
     order = 80
 
     def __init__(self, folder: str, rank: int):
         self.folder, self.rank = Path(folder), rank
         self.batches: dict = {}
+
+    def before_fit(self, learn) -> None:
+        # the test's single-process reference must compute with the same torch thread count:
+        # CPU kernels sum in a thread-dependent order (see test_distributed's `same_threads`)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"threads-rank{self.rank}.txt").write_text(str(torch.get_num_threads()))
 
     def after_batch(self, learn) -> None:
         if learn.training:
