@@ -39,6 +39,10 @@ class ThrottledServer(http.server.ThreadingHTTPServer):
         self.counts: Counter = Counter()
         self.lock = threading.Lock()
 
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up: fine
+            super().handle_error(request, client_address)
+
     def add(self, **counts: int) -> None:
         with self.lock:
             self.counts.update(counts)
