@@ -4,14 +4,16 @@ The driver (the training process) reads `meta.json`, plans each epoch (`pipeline
 gives each actor its segments and keeps `prefetch` requests in flight per actor, each for
 the actor's next `batches_per_call` batches (one Ray object), asking for more before it
 hands out what it has. Batches come back through Ray's object store as numpy arrays (no
-copy); the driver makes one plain copy of each, which frees the slot, and hands it out as
-the `(B, 3, H, W)` uint8 tensor of a `Batch`, channels-last in memory (the layout the
+copy); the driver makes one plain copy of each, which releases the object, and hands it out
+as the `(B, 3, H, W)` uint8 tensor of a `Batch`, channels-last in memory (the layout the
 trainer converts to anyway).
 
 Memory is fixed by configuration, not by the data: at most `num_actors * prefetch *
 batches_per_call` batches wait in the object store (plus the one object per actor being
 handed out), each actor holds `shuffle_buffer` encoded records, and shards are streamed,
-never held whole.
+never held whole. Released objects leave the store at once only where Ray is told to free
+them so (`pipeline.ray_setup.FREE_AT_ONCE`, as the Ray tench starts is); Ray's default
+deletes them in batches every second, so the store also holds about a second of batches.
 
 Faults: an actor that dies mid-epoch is restarted by Ray (`max_restarts`) and replays its
 task from the first batch the driver has not received, so the epoch still yields every
@@ -83,7 +85,9 @@ class ShardStream:
     - `address`: None starts Ray here if it is not running; "auto" or "ray://..." joins.
     - memory: at most `num_actors * (prefetch + 1) * batches_per_call` batches wait in
       Ray's object store, plus `shuffle_buffer` encoded records per actor; nothing grows
-      with the data set.
+      with the data set. (On a cluster whose `ray start` did not set
+      `RAY_free_objects_period_milliseconds`, add about a second of batches: see the
+      module doc.)
     """
 
     def __init__(

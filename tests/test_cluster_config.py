@@ -38,6 +38,17 @@ def test_dashboard_on_loopback_and_same_pins(name):
         assert pin in setup and pin in pyproject
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_node_deletes_released_objects_within_20_ms(name):
+    """Without it each raylet keeps about a second of the stream's released batches
+    (`pipeline.ray_setup.FREE_AT_ONCE` says why)."""
+    config = yaml.safe_load((ROOT / name).read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in config[key] if "ray start" in c]
+        assert start and all("RAY_free_objects_period_milliseconds=20 ray start" in c
+                             for c in start), (key, start)
+
+
 def test_aws_config_opens_only_ssh():
     config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
     perms = config["provider"]["security_group"]["IpPermissions"]
