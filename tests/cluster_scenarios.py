@@ -262,8 +262,7 @@ def main(scenario: str, work: Path) -> None:
     # every raylet, worker and stream actor inherits them
     os.environ.update(AWS_ACCESS_KEY_ID=options["key"], AWS_SECRET_ACCESS_KEY=options["secret"],
                       AWS_ENDPOINT_URL=options["endpoint_url"], AWS_DEFAULT_REGION="us-east-1")
-    # remove_node: a third worker node, so the cluster still fits 2 workers after losing one
-    cluster, _ = start_cluster(3 if scenario == "remove_node" else 2)
+    cluster, _ = start_cluster(2)
     base = FitConfig(shards=str(shards), arch="cnn_nobn", epochs=2, batch_size=7, lr=3e-3,
                      size=32, actors=1, opt="adam", lsuv=False)
     result: dict = {"shards": str(shards)}
@@ -293,21 +292,6 @@ def main(scenario: str, work: Path) -> None:
             summary = run_distributed(base.replace(out=str(run)), spread2,
                                       RecordWithFault(str(record), kill, ranks=(1,)))
             result.update(summary=summary, record=str(record), killed=marker.is_file())
-        elif scenario == "remove_node":
-            import threading
-
-            record, requests = work / "record_node", work / "node_requests"
-            requests.mkdir()
-            watcher = threading.Thread(target=remove_a_training_node,
-                                       args=(cluster, requests, result), daemon=True)
-            watcher.start()
-            run = work / "run_node"
-            loss = NodeLoss(str(requests), str(run), epoch=1, batch=1)
-            summary = run_distributed(base.replace(out=str(run)), spread2,
-                                      RecordWithFault(str(record), loss, ranks=(0, 1)))
-            watcher.join(timeout=60)
-            result.update(summary=summary, record=str(record),
-                          survived=(requests / "survived.txt").is_file())
         elif scenario == "submit":
             result.update(submit(work, shards, cluster.address))
         else:

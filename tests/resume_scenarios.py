@@ -98,8 +98,8 @@ def main(scenario: str, work: Path) -> None:
                                       ClusterOptions(num_workers=2, max_failures=2,
                                                      placement="spread"),
                                       Steps(str(steps), loss))
-            watcher.join(timeout=1)
-            result.update(summary=summary)
+            watcher.join(timeout=60)  # until it has seen whether the victim's process ended
+            result.update(summary=summary, survived=(requests / "survived.txt").is_file())
         elif scenario == "elastic":
             config = base.replace(out=str(work / "run"))
             fail = FailOnce(str(work / "failed.txt"), str(work / "run"))

@@ -61,8 +61,13 @@ def check_epoch_1(result: dict, output: str, first_iter: int) -> tuple[list[dict
 
 @pytest.mark.timeout(900)
 def test_a_removed_node_redoes_only_the_steps_since_the_last_checkpoint(tmp_path):
+    """A whole worker node (raylet, its Ray processes, its stream actors) goes mid-epoch.
+    Nothing signals the training process on it: only the node's loss ends it, and the run
+    goes on from the last checkpoint, mid-epoch."""
     result, output = run_scenario("node", tmp_path)
     assert result.get("removed_node"), output[-3000:]
+    assert "victim_gone_after_s" in result, output[-3000:]  # the node's loss ended it
+    assert not result["survived"]  # it never gave up waiting and exited by itself
     assert f"resuming epoch 1 at training batch {CHECKPOINT_BATCHES} of 6" in output
     before, after = check_epoch_1(result, output, CHECKPOINT_BATCHES)
     assert len(set(x["iter"] for x in after)) == 3  # batches 3, 4, 5
