@@ -1,19 +1,16 @@
-"""`tench fit` end to end: the run folder's files, kill -9 then --resume bit-identical to an
-uninterrupted run, vocab refusal, NaN stop that keeps the last good checkpoint.
+"""`tench fit` end to end: the run folder's files, predict, vocab refusal, NaN stop that keeps
+the last good checkpoint. (kill -9 then --resume, bit-identical: tests/test_midepoch_resume.py.)
 
-Real shards (the sample set), real Ray actors, real training processes killed with SIGKILL.
+Real shards (the sample set), real Ray actors, real training processes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -39,16 +36,9 @@ RUN_FILES = {"config.json", "metrics.json", "metrics.csv", "last.pt", "model.pt"
 
 def tench(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # Own process group: after a kill -9 of the driver, Ray helpers it started are reaped
-    # with os.killpg (see kill_group).
     return subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, **kwargs)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
@@ -130,36 +120,6 @@ def test_fit_refuses_a_non_empty_run_folder(data, full_run, capsys):
     assert code == 2
     assert "not empty" in capsys.readouterr().err
     assert (run / "last.pt").read_bytes() == before
-
-
-def test_resume_after_kill_9_is_bit_identical(data, full_run):
-    full, _ = full_run
-    run = data / "killed"
-    proc = tench("fit", str(data / "shards"), "--out", str(run), *FIT_ARGS)
-    deadline = time.monotonic() + 120
-    try:
-        while not (run / "last.pt").exists():  # appears atomically after epoch 0
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)  # the training process only, mid-epoch
-        proc.communicate()
-    finally:
-        kill_group(proc)  # then the Ray helpers it leaves orphaned
-        proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = load_checkpoint(run / "last.pt")["epoch"]
-    assert killed_at < EPOCHS - 1 and not (run / "model.pt").exists()  # it died mid-run
-
-    code, out, err = finish(tench("fit", str(data / "shards"), "--out", str(run), "--resume"))
-    assert code == 0, err
-    resumed = torch.load(run / "model.pt", weights_only=True)["state_dict"]
-    reference = torch.load(full / "model.pt", weights_only=True)["state_dict"]
-    assert state_equal(resumed, reference)
-    losses = [(r["epoch"], r["train_loss"], r["valid_loss"])
-              for r in json.loads((run / "metrics.json").read_text())]
-    assert losses == [(r["epoch"], r["train_loss"], r["valid_loss"])
-                      for r in json.loads((full / "metrics.json").read_text())]
 
 
 def test_resume_refuses_a_checkpoint_from_other_shards(data, full_run, capsys):
