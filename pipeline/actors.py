@@ -175,11 +175,17 @@ class ShardReader:
 
     # ------------------------------------------------------------------ the pipeline
     def _iter_batches(self, task: ActorTask, skip_batches: int) -> Generator[BatchData]:
-        records = shuffled(self._records(task.segments), self.shuffle_buffer, task.shuffle_rng())
-        for b, n in enumerate(task.batch_sizes):
-            chunk = list(islice(records, n))  # may be short when a shard was skipped
-            if b >= skip_batches:  # batches below were delivered before a restart
-                yield self._assemble(chunk, n, task.seed, task.epoch)
+        reads = self._records(task.segments)
+        records = shuffled(reads, self.shuffle_buffer, task.shuffle_rng())
+        try:
+            for b, n in enumerate(task.batch_sizes):
+                chunk = list(islice(records, n))  # may be short when a shard was skipped
+                if b == len(task.batch_sizes) - 1:
+                    reads.close()  # every record is taken: end the reads and read-aheads now
+                if b >= skip_batches:  # batches below were delivered before a restart
+                    yield self._assemble(chunk, n, task.seed, task.epoch)
+        finally:
+            reads.close()  # a task dropped early (a new `start`) ends its downloads too
 
     def _records(self, segments: Sequence[Segment]) -> Iterator[RawSample]:
         ahead = ReadAhead(self.sources, segments)  # remote: the next shard downloads meanwhile
