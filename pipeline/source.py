@@ -8,8 +8,10 @@ Remote sources read through `pipeline.remote` (timeouts, retries that resume whe
 broke) and, with `RemoteOptions.cache_dir`, through a local cache (`pipeline.cache`).
 
 Shards are read front to back (`pipeline.tarstream`, a stream reader like `tarfile`'s
-`r|` mode): nothing is extracted or unpickled, and without a cache nothing is written to
-disk and a segment that ends early stops the download there. A tar cut at a header reads
+`r|` mode): nothing is extracted or unpickled, and a segment that ends early stops the
+download there. (An actor's `ShardReader` reads remote shards through
+`pipeline.read_ahead`, which fetches its next shard meanwhile, into the cache or, without
+one, an unlinked temporary file.) A tar cut at a header reads
 as a short, valid archive, so every read is checked against the sample counts in
 `meta.json`; a short shard is a `ShardReadError`. Every sample is checked by
 `shards.format.sample_problem` (its members, and their CRC32s in format 2) before anything
@@ -44,6 +46,8 @@ from shards.format import (
     validate_meta,
 )
 from shards.remote import HttpError, http_status
+
+_CHECKS_LOCK = threading.Lock()
 
 
 class ShardReadError(Exception):
@@ -149,8 +153,9 @@ class ShardSource:
         if self.is_local or self.remote.cache_dir is None:
             return self.open(name, stop=stop)
         cache = cache_for(self.remote.cache_dir, self.url, self.remote.cache_limit)
-        if cache.checks is None:  # once per process: what each shard must be
-            cache.checks = shard_checks(self.read_meta())
+        with _CHECKS_LOCK:  # a read-ahead thread may ask at the same time
+            if cache.checks is None:  # once per process: what each shard must be
+                cache.checks = shard_checks(self.read_meta())
         check = cache.checks.get(name)
         if check is None:
             raise ShardReadError(name, f"meta.json at {self.url} lists no size and sha256 for "
