@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import islice
 
@@ -28,6 +28,7 @@ import torch
 
 from pipeline.decode import DecodeError, decode_image
 from pipeline.plan import ActorTask, Segment
+from pipeline.read_ahead import ReadAhead
 from pipeline.settings import ON_ERROR
 from pipeline.source import RawSample, ShardReadError, ShardSource, read_segment
 
@@ -131,7 +132,7 @@ class ShardReader:
         use_ray_thread_count()  # one actor, one core's work
         self._item_rng = ItemRandom()
         self._token = None
-        self._batches: Iterator[BatchData] = iter(())
+        self._batches: Generator[BatchData] = (b for b in ())
         self._skips: list[Skip] = []
         self._last_good = None  # (image, label, key) to refill a batch with nothing readable
 
@@ -153,6 +154,7 @@ class ShardReader:
         `item_tfm` (a chain with `size` and `decode_size`, see `pipeline.transforms.Compose`)
         serves this task's batches.
         """
+        self._batches.close()  # the previous task's downloads end now, not when collected
         self._token, self._skips, self._last_good = token, [], None
         self.item_tfm, self.size = item_tfm, item_tfm.size
         self.decode_size = getattr(item_tfm, "decode_size", None)
@@ -172,25 +174,35 @@ class ShardReader:
         return list(islice(self._batches, count))
 
     # ------------------------------------------------------------------ the pipeline
-    def _iter_batches(self, task: ActorTask, skip_batches: int) -> Iterator[BatchData]:
-        records = shuffled(self._records(task.segments), self.shuffle_buffer, task.shuffle_rng())
-        for b, n in enumerate(task.batch_sizes):
-            chunk = list(islice(records, n))  # may be short when a shard was skipped
-            if b >= skip_batches:  # batches below were delivered before a restart
-                yield self._assemble(chunk, n, task.seed, task.epoch)
+    def _iter_batches(self, task: ActorTask, skip_batches: int) -> Generator[BatchData]:
+        reads = self._records(task.segments)
+        records = shuffled(reads, self.shuffle_buffer, task.shuffle_rng())
+        try:
+            for b, n in enumerate(task.batch_sizes):
+                chunk = list(islice(records, n))  # may be short when a shard was skipped
+                if b == len(task.batch_sizes) - 1:
+                    reads.close()  # every record is taken: end the reads and read-aheads now
+                if b >= skip_batches:  # batches below were delivered before a restart
+                    yield self._assemble(chunk, n, task.seed, task.epoch)
+        finally:
+            reads.close()  # a task dropped early (a new `start`) ends its downloads too
 
-    def _records(self, segments: Iterable[Segment]) -> Iterator[RawSample]:
-        for seg in segments:
-            done = 0
-            try:
-                for sample in read_segment(self.sources[seg.source], seg):
-                    done += 1
-                    yield replace(sample, source=seg.source) if seg.source else sample
-            except ShardReadError as e:
-                if self.on_error == "fail":
-                    raise
-                where = f"samples {seg.start + done}-{seg.stop - 1}"
-                self._skips.append(Skip(seg.shard, where, len(seg) - done, e.reason))
+    def _records(self, segments: Sequence[Segment]) -> Iterator[RawSample]:
+        ahead = ReadAhead(self.sources, segments)  # remote: the next shard downloads meanwhile
+        try:
+            for i, seg in enumerate(segments):
+                done = 0
+                try:
+                    for sample in read_segment(self.sources[seg.source], seg, ahead.opener(i)):
+                        done += 1
+                        yield replace(sample, source=seg.source) if seg.source else sample
+                except ShardReadError as e:
+                    if self.on_error == "fail":
+                        raise
+                    where = f"samples {seg.start + done}-{seg.stop - 1}"
+                    self._skips.append(Skip(seg.shard, where, len(seg) - done, e.reason))
+        finally:
+            ahead.close()
 
     def _assemble(self, chunk: list[RawSample], n: int, seed: int, epoch: int) -> BatchData:
         images = np.empty((n, self.size, self.size, 3), np.uint8)  # (B, H, W, C)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,6 +106,10 @@ class RemoteOptions:
 
 class RemoteReadError(OSError):
     """A remote read that failed on every attempt, or for good (4xx)."""
+
+
+class ReadCancelled(Exception):
+    """A read stopped on purpose (its `stop` event was set); never retried."""
 
 
 class TransientError(OSError):
@@ -206,13 +211,17 @@ class RetryingReader(io.RawIOBase):
     """A sequential reader of `url` that retries a broken read from the byte it reached.
 
     `size`: the expected length when known (a shard's from `meta.json`), so a body that
-    ends early is a break to retry even when the server sent no length.
+    ends early is a break to retry even when the server sent no length. `stop`: an event
+    that, once set, makes the next read (or the backoff wait) raise `ReadCancelled`, so a
+    background download can be called off (`pipeline.read_ahead`).
     """
 
     def __init__(self, url: str, options: RemoteOptions, *, shard: str | None = None,
-                 size: int | None = None, storage_options: dict | None = None):
+                 size: int | None = None, storage_options: dict | None = None,
+                 stop: threading.Event | None = None):
         super().__init__()
         self.url, self.options, self.shard, self.size = url, options, shard, size
+        self.stop = stop
         self.storage_options = storage_options or {}
         self.position, self.attempts = 0, 0
         self._session = None
@@ -234,6 +243,7 @@ class RetryingReader(io.RawIOBase):
         if n <= 0:
             return b""
         while True:
+            self._check_stop()
             try:
                 if self._body is None:
                     self._body = self._open_body()
@@ -265,7 +275,14 @@ class RetryingReader(io.RawIOBase):
                 f"{self.url}: reading {self.shard or 'it'} failed {self.attempts} times (retries="
                 f"{self.options.retries}, read_timeout={self.options.read_timeout:g} s), the "
                 f"last at byte {self.position}: {type(error).__name__}: {error}") from error
-        self._sleep(self.options.delay(retry))
+        if self.stop is None:
+            self._sleep(self.options.delay(retry))
+        else:
+            self.stop.wait(self.options.delay(retry))
+
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise ReadCancelled(f"{self.url}: reading {self.shard or 'it'} was called off")
 
     def _drop_body(self) -> None:
         if self._body is not None:
@@ -281,7 +298,9 @@ class RetryingReader(io.RawIOBase):
 
 
 def open_remote(url: str, options: RemoteOptions, *, shard: str | None = None,
-                size: int | None = None, storage_options: dict | None = None) -> io.BufferedReader:
+                size: int | None = None, storage_options: dict | None = None,
+                stop: threading.Event | None = None) -> io.BufferedReader:
     """A buffered `RetryingReader` (tar headers are read 512 bytes at a time)."""
-    raw = RetryingReader(url, options, shard=shard, size=size, storage_options=storage_options)
+    raw = RetryingReader(url, options, shard=shard, size=size, storage_options=storage_options,
+                         stop=stop)
     return io.BufferedReader(raw, buffer_size=CHUNK)

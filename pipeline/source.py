@@ -8,8 +8,10 @@ Remote sources read through `pipeline.remote` (timeouts, retries that resume whe
 broke) and, with `RemoteOptions.cache_dir`, through a local cache (`pipeline.cache`).
 
 Shards are read front to back (`pipeline.tarstream`, a stream reader like `tarfile`'s
-`r|` mode): nothing is extracted or unpickled, and without a cache nothing is written to
-disk and a segment that ends early stops the download there. A tar cut at a header reads
+`r|` mode): nothing is extracted or unpickled, and a segment that ends early stops the
+download there. (An actor's `ShardReader` reads remote shards through
+`pipeline.read_ahead`, which fetches its next shard meanwhile, into the cache or, without
+one, an unlinked temporary file.) A tar cut at a header reads
 as a short, valid archive, so every read is checked against the sample counts in
 `meta.json`; a short shard is a `ShardReadError`. Every sample is checked by
 `shards.format.sample_problem` (its members, and their CRC32s in format 2) before anything
@@ -21,8 +23,10 @@ anything is opened.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -42,6 +46,8 @@ from shards.format import (
     validate_meta,
 )
 from shards.remote import HttpError, http_status
+
+_CHECKS_LOCK = threading.Lock()
 
 
 class ShardReadError(Exception):
@@ -124,31 +130,38 @@ class ShardSource:
             raise ValueError(f"{where}: not valid JSON ({e})") from e
         return validate_meta(meta, where)
 
-    def open(self, name: str, size: int | None = None) -> BinaryIO:
+    def open(self, name: str, size: int | None = None, stop: threading.Event | None = None
+             ) -> BinaryIO:
         """A sequential binary reader for one file under the source, straight from it.
 
         Remote reads time out and retry from the byte they reached (`pipeline.remote`);
-        `size`, when known, makes a body that ends early a break to retry.
+        `size`, when known, makes a body that ends early a break to retry; setting `stop`
+        calls a remote read off (`ReadCancelled`).
         """
         check_file_name(name, f"{self.url}: file")
         if self.is_local:
             return open(Path(self.url) / name, "rb", buffering=1 << 20)
         return open_remote(self.url_of(name), self.remote, shard=name, size=size,
-                           storage_options=self.storage_options)
+                           storage_options=self.storage_options, stop=stop)
 
-    def open_shard(self, name: str) -> BinaryIO | CachedShard:
-        """A reader for shard `name`: from the cache when one is set, else as `open`."""
+    def open_shard(self, name: str, stop: threading.Event | None = None
+                   ) -> BinaryIO | CachedShard:
+        """A reader for shard `name`: from the cache when one is set, else as `open`.
+
+        With a cache this returns once the shard is there (fetched and verified if need be).
+        """
         if self.is_local or self.remote.cache_dir is None:
-            return self.open(name)
+            return self.open(name, stop=stop)
         cache = cache_for(self.remote.cache_dir, self.url, self.remote.cache_limit)
-        if cache.checks is None:  # once per process: what each shard must be
-            cache.checks = shard_checks(self.read_meta())
+        with _CHECKS_LOCK:  # a read-ahead thread may ask at the same time
+            if cache.checks is None:  # once per process: what each shard must be
+                cache.checks = shard_checks(self.read_meta())
         check = cache.checks.get(name)
         if check is None:
             raise ShardReadError(name, f"meta.json at {self.url} lists no size and sha256 for "
                                        "it, so it cannot be cached; re-run `tench shard`")
-        cached = cache.open(name, check, lambda: self.open(name, check.size))
-        return cached if cached is not None else self.open(name, check.size)
+        cached = cache.open(name, check, lambda: self.open(name, check.size, stop))
+        return cached if cached is not None else self.open(name, check.size, stop)
 
 
 def iter_samples(f: BinaryIO, shard: str) -> Iterator[RawSample]:
@@ -187,15 +200,18 @@ def _sample(shard: str, key: str, members: dict) -> RawSample:
     return RawSample(shard, key, ext, members[ext], label)
 
 
-def read_segment(source: ShardSource, segment: Segment) -> Iterator[RawSample]:
+def read_segment(source: ShardSource, segment: Segment,
+                 opened: Callable[[], BinaryIO] | None = None) -> Iterator[RawSample]:
     """Samples `[start, stop)` of one shard; skipped samples are read past, not decoded.
 
     Stops reading at `stop` (closing the download), and raises `ShardReadError` if the
-    shard ends before `stop` — a truncated shard never passes for a short one.
+    shard ends before `stop` — a truncated shard never passes for a short one. `opened`:
+    what opens the shard instead of `source.open_shard` (a read-ahead's fetch,
+    `pipeline.read_ahead`); its errors are reported like those of a direct read.
     """
     index = 0
     try:
-        with source.open_shard(segment.shard) as f:
+        with (opened or functools.partial(source.open_shard, segment.shard))() as f:
             for sample in iter_samples(f, segment.shard):
                 if index >= segment.start:
                     yield sample

@@ -1,0 +1,234 @@
+"""Read-ahead of remote shards (`pipeline.read_ahead`) through a real `ShardReader`.
+
+Shards come from a request-logging HTTP server on 127.0.0.1 (`tests.http_faults`). The
+tests check the order of events, not timings: the next shard's GET arrives while the
+reader is paused inside the shard before it; a fetch that failed in the background is
+reported when its shard is reached; closing leaves no thread, temporary file or partial
+cache file behind. Every read is compared with the same task read from disk.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+
+import pytest
+
+from pipeline.actors import ShardReader
+from pipeline.cache import cache_for
+from pipeline.plan import ActorTask, Segment
+from pipeline.remote import RemoteOptions
+from pipeline.source import ShardReadError, ShardSource, read_segment
+from pipeline.transforms import valid_tfms
+from tests.http_faults import serve_faulty
+from tests.shard_fixtures import make_shards
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory):  # 14 shards of about 6 samples
+    return make_shards(tmp_path_factory.mktemp("shards"), {"train": 85}, samples_per_shard=5,
+                       noise=True)
+
+
+@pytest.fixture()
+def server(shard_set):
+    with serve_faulty(shard_set.folder) as srv:
+        yield srv
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state():
+    cache_for.cache_clear()
+    yield
+    cache_for.cache_clear()
+
+
+def names(shard_set) -> list[str]:
+    return [s["name"] for s in shard_set.meta["splits"]["train"]["shards"]]
+
+
+def remote(url: str, cache=None, **options) -> ShardSource:
+    options = {"read_timeout": 2, "retries": 1, "backoff": 0.05, **options}
+    return ShardSource.of(url, remote=RemoteOptions(
+        cache_dir=None if cache is None else str(cache), **options))
+
+
+def task(segments: list[Segment], batch: int) -> ActorTask:
+    total = sum(len(s) for s in segments)
+    sizes = (batch,) * (total // batch) + ((total % batch,) if total % batch else ())
+    return ActorTask(0, tuple(segments), sizes, seed=0, epoch=0)
+
+
+def counts(shard_set) -> dict[str, int]:
+    return {s["name"]: s["count"] for s in shard_set.meta["splits"]["train"]["shards"]}
+
+
+def whole(shard_set, *shards: str) -> list[Segment]:
+    return [Segment(name, 0, counts(shard_set)[name]) for name in shards]
+
+
+def keys(batches) -> list[str]:
+    return [k for b in batches for k in b.keys]
+
+
+def wait_for(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def read_ahead_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("read-ahead")]
+
+
+def unlinked_temp_files() -> set[str]:
+    """This process's open, unlinked files in the temporary folder (only /proc shows them;
+    `TemporaryFile` makes them with `O_TMPFILE`, so they have no name of their own)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(tempfile.gettempdir()) and target.endswith("(deleted)"):
+            found.add(target)
+    return found
+
+
+_BEFORE: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def temp_files_before():
+    """pytest's output capture holds unlinked temporary files too: they are not spools."""
+    _BEFORE.clear()
+    _BEFORE.update(unlinked_temp_files())
+
+
+def spool_files() -> set[str]:
+    """Unlinked temporary files opened during this test and still open."""
+    return unlinked_temp_files() - _BEFORE
+
+
+MODES = ["no cache", "cache"]
+
+
+def source_for(mode: str, url: str, tmp_path, **options) -> ShardSource:
+    return remote(url, tmp_path / "cache" if mode == "cache" else None, **options)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_next_shard_is_requested_while_this_one_is_read(mode, shard_set, server, tmp_path):
+    first, second, third = names(shard_set)[:3]
+    n = counts(shard_set)
+    plan = task(whole(shard_set, first, second, third), batch=n[first] - 1)
+    reader = ShardReader(source_for(mode, server.url, tmp_path))
+    reader.start(plan, valid_tfms(32), "t")
+    got = reader.next_batches("t", 1)  # 4 of the first shard's 5 samples: it is mid-shard
+    assert wait_for(lambda: server.count(second) == 1)  # asked for while the reader waits
+    if mode == "cache":  # fetched, verified and in place before the reader reaches it
+        assert wait_for(lambda: any((tmp_path / "cache").glob(f"*/{second}")))
+    assert server.count(third) == 0  # one shard ahead, no more
+    got += reader.next_batches("t", plan.num_batches)
+    expected = keys(run_on_disk(shard_set, plan))
+    assert keys(got) == expected and len(expected) == n[first] + n[second] + n[third]
+    assert [server.count(n) for n in (first, second, third)] == [1, 1, 1]
+    assert not read_ahead_threads() and not spool_files()
+
+
+def run_on_disk(shard_set, plan: ActorTask) -> list:
+    reader = ShardReader(ShardSource.of(shard_set.folder))
+    reader.start(plan, valid_tfms(32), "d")
+    return reader.next_batches("d", plan.num_batches)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_split_shards_give_every_sample_once(mode, shard_set, server, tmp_path):
+    a, b, c, d = names(shard_set)[3:7]
+    segments = [Segment(a, 2, 5), Segment(b, 0, 5), Segment(c, 1, 3), Segment(d, 0, 2)]
+    plan = task(segments, batch=3)
+    reader = ShardReader(source_for(mode, server.url, tmp_path))
+    reader.start(plan, valid_tfms(32), "t")
+    got = keys(reader.next_batches("t", plan.num_batches))
+    assert got == keys(run_on_disk(shard_set, plan)) and len(got) == 3 + 5 + 2 + 2
+    assert not read_ahead_threads() and not spool_files()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_failed_read_ahead_is_reported_when_its_shard_is_reached(mode, shard_set, server,
+                                                                   tmp_path):
+    first, second, third = names(shard_set)[7:10]
+    server.fail(second, ("status", 500), ("status", 500))  # retries=1: both attempts fail
+    n = counts(shard_set)
+    plan = task(whole(shard_set, first, second, third), batch=n[first])
+    reader = ShardReader(source_for(mode, server.url, tmp_path))
+    reader.start(plan, valid_tfms(32), "t")
+    assert len(keys(reader.next_batches("t", 1))) == n[first]  # the first shard, whole
+    assert wait_for(lambda: server.count(second) == 2)  # failed in the background by now
+    with pytest.raises(ShardReadError) as err:
+        reader.next_batches("t", 1)
+    message = str(err.value)
+    assert f"shard {second}" in message and f"{server.url}/{second}" in message
+    assert "failed 2 times" in message and "HTTP 500" in message
+    assert wait_for(lambda: not read_ahead_threads()) and not spool_files()
+
+    server.fail(second, ("status", 500), ("status", 500))
+    skipping = ShardReader(source_for(mode, server.url, tmp_path / "2"), on_error="skip")
+    skipping.start(plan, valid_tfms(32), "s")
+    batches = skipping.next_batches("s", plan.num_batches)
+    skips = [s for b in batches for s in b.skips]
+    assert [(s.shard, s.count) for s in skips] == [(second, n[second])]
+    assert f"{server.url}/{second}" in skips[0].reason
+    # the third shard's samples follow the first's; the slots left at the end are refilled
+    on_disk = keys(run_on_disk(shard_set, task(whole(shard_set, first, third), 4)))
+    assert keys(batches)[:len(on_disk)] == on_disk
+    assert sum(b.padded for b in batches) == n[second]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_task_dropped_mid_download_leaves_nothing_behind(mode, shard_set, server, tmp_path):
+    first, second, third = names(shard_set)[10:13]
+    server.fail(second, *[("stall", 1000, None)] * 60)  # each attempt: quiet until the end
+    # without the call-off, 50 retries of a 0.5 s timeout would keep the thread for 25 s+
+    source = source_for(mode, server.url, tmp_path, read_timeout=0.5, retries=50)
+    reader = ShardReader(source)
+    plan = task(whole(shard_set, first, second, third), batch=2)
+    reader.start(plan, valid_tfms(32), "t")
+    reader.next_batches("t", 1)
+    assert wait_for(lambda: server.count(second) >= 1)
+    if mode == "no cache":
+        assert spool_files()  # the spools exist while the task runs
+    else:
+        assert wait_for(lambda: any((tmp_path / "cache").glob(f"*/{second}.part-*")))
+    started = time.monotonic()
+    reader.start(task(whole(shard_set, third), batch=5), valid_tfms(32), "u")  # drops task "t"
+    assert time.monotonic() - started < 5
+    assert not read_ahead_threads() and not spool_files()
+    assert not list(tmp_path.glob("**/*.part-*"))
+    assert len(keys(reader.next_batches("u", 1))) == 5
+
+
+def test_a_shard_fetched_ahead_is_not_evicted_before_it_is_read(shard_set, server, tmp_path):
+    first, second, third, fourth = names(shard_set)[:4]
+    sizes = {s["name"]: s["bytes"] for s in shard_set.meta["splits"]["train"]["shards"]}
+    limit = sizes[first] + sizes[second] + sizes[third] // 2  # room for two shards
+    reader = ShardReader(remote(server.url, tmp_path / "cache", cache_limit=limit))
+    plan = task(whole(shard_set, first, second), batch=2)
+    reader.start(plan, valid_tfms(32), "t")
+    got = reader.next_batches("t", 1)  # mid-way through the first; the second fetched ahead
+    assert wait_for(lambda: any((tmp_path / "cache").glob(f"*/{second}")))
+    # another reader of the same cache wants room: neither held shard may go
+    other = remote(server.url, tmp_path / "cache", cache_limit=limit)
+    for name in (third, fourth):
+        count = counts(shard_set)[name]
+        assert len(list(read_segment(other, Segment(name, 0, count)))) == count
+    cached = sorted(p.name for p in (tmp_path / "cache").glob("*/*.tar"))
+    assert cached == sorted([first, second])
+    got += reader.next_batches("t", plan.num_batches)
+    assert keys(got) == keys(run_on_disk(shard_set, plan))
+    assert server.count(second) == 1
