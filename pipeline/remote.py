@@ -19,6 +19,7 @@ import io
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +109,40 @@ class RemoteReadError(OSError):
     """A remote read that failed on every attempt, or for good (4xx)."""
 
 
-class ReadCancelled(Exception):
-    """A read stopped on purpose (its `stop` event was set); never retried."""
+class ReadCancelled(OSError):
+    """A read stopped on purpose (its `stop` event was set); never retried.
+
+    An `OSError`, so a reader that meets it reports it like any other failed read
+    (`read_segment`'s `ShardReadError`) and skip mode skips, never crashes.
+    """
+
+
+class CallOff(threading.Event):
+    """A `stop` event that also breaks the network reads waiting under it.
+
+    `set()` sets the event (each watching `RetryingReader` raises `ReadCancelled` at its next
+    step) and shuts the socket of the HTTP body each one is reading, so a read blocked on a
+    quiet server returns now, not after `read_timeout`. Not broken: a connect or a wait for
+    a response's headers, and object-store (s3fs) reads; those end within their timeouts.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._guard = threading.Lock()
+        self._readers: weakref.WeakSet = weakref.WeakSet()
+
+    def watch(self, reader: RetryingReader) -> None:
+        with self._guard:
+            self._readers.add(reader)
+        if self.is_set():
+            reader.interrupt()
+
+    def set(self) -> None:
+        super().set()
+        with self._guard:
+            readers = list(self._readers)
+        for reader in readers:
+            reader.interrupt()
 
 
 class TransientError(OSError):
@@ -123,7 +156,7 @@ _TRANSIENT = (TransientError, ConnectionError, TimeoutError, requests.Connection
 
 
 def is_transient(error: BaseException) -> bool:
-    if isinstance(error, (FileNotFoundError, PermissionError, RemoteReadError)):
+    if isinstance(error, (FileNotFoundError, PermissionError, RemoteReadError, ReadCancelled)):
         return False
     if isinstance(error, _TRANSIENT):
         return True
@@ -174,6 +207,11 @@ class _HttpBody:
         # handed over and counted, and a retry resumes after them
         return self.response.raw.read1(n)
 
+    def interrupt(self) -> None:
+        """Make a `read` blocked in another thread return now (urllib3 >= 2.3 can)."""
+        with contextlib.suppress(Exception):  # released, closed, or an older urllib3
+            self.response.raw.shutdown()
+
     def close(self) -> None:
         self.response.close()
 
@@ -190,6 +228,9 @@ class _FsspecBody:
 
     def read(self, n: int) -> bytes:
         return self.file.read(n)
+
+    def interrupt(self) -> None:
+        """Nothing: an s3fs read cannot be broken from outside; it ends within its timeouts."""
 
     def close(self) -> None:
         self.file.close()
@@ -213,7 +254,8 @@ class RetryingReader(io.RawIOBase):
     `size`: the expected length when known (a shard's from `meta.json`), so a body that
     ends early is a break to retry even when the server sent no length. `stop`: an event
     that, once set, makes the next read (or the backoff wait) raise `ReadCancelled`, so a
-    background download can be called off (`pipeline.read_ahead`).
+    background download can be called off (`pipeline.read_ahead`); a `CallOff` also breaks
+    the HTTP read in progress (`interrupt`).
     """
 
     def __init__(self, url: str, options: RemoteOptions, *, shard: str | None = None,
@@ -230,6 +272,8 @@ class RetryingReader(io.RawIOBase):
             self._session.headers.update(self.storage_options.get("headers") or {})
         self._body = None
         self._sleep: Callable[[float], None] = time.sleep
+        if isinstance(stop, CallOff):
+            stop.watch(self)
 
     def readable(self) -> bool:
         return True
@@ -247,15 +291,20 @@ class RetryingReader(io.RawIOBase):
             try:
                 if self._body is None:
                     self._body = self._open_body()
+                    self._check_stop()  # called off while connecting: `interrupt` missed it
                 data = self._body.read(n)
-                if not data and self.size is not None and self.position < self.size:
-                    raise TransientError(f"body ended at byte {self.position} of {self.size}")
+                if not data:
+                    self._check_stop()  # an interrupted read looks like the end
+                    if self.size is not None and self.position < self.size:
+                        raise TransientError(f"body ended at byte {self.position} of "
+                                             f"{self.size}")
                 self.position += len(data)
                 return data
             except Exception as e:  # noqa: BLE001 - sorted into final and transient below
                 self._drop_body()
                 if not is_transient(e):
                     raise
+                self._check_stop()  # a break the call-off made is not retried
                 self._wait_or_give_up(e)
 
     def _open_body(self):
@@ -279,6 +328,12 @@ class RetryingReader(io.RawIOBase):
             self._sleep(self.options.delay(retry))
         else:
             self.stop.wait(self.options.delay(retry))
+
+    def interrupt(self) -> None:
+        """Break the network read in progress, if any; called from another thread."""
+        body = self._body
+        if body is not None:
+            body.interrupt()
 
     def _check_stop(self) -> None:
         if self.stop is not None and self.stop.is_set():
