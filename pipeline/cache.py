@@ -28,6 +28,7 @@ import functools
 import hashlib
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -105,7 +106,19 @@ class ShardCache:
         if not source_note.exists():
             source_note.write_text(url + "\n", encoding="utf-8")
         self.checks: dict[str, ShardCheck] | None = None  # from meta.json, loaded once
+        self._checks_lock = threading.Lock()
         self._verified: dict[str, tuple] = {}  # shard -> file identity hashed in this process
+
+    def load_checks(self, read_meta: Callable[[], dict]) -> dict[str, ShardCheck]:
+        """What each shard must be, from `read_meta()` the first time (later calls wait for it).
+
+        The lock is this cache's own: a read-ahead thread asking at the same time as its
+        reader waits for the one `meta.json` read instead of making a second.
+        """
+        with self._checks_lock:
+            if self.checks is None:
+                self.checks = shard_checks(read_meta())
+            return self.checks
 
     def open(self, name: str, check: ShardCheck, fetch: Callable[[], BinaryIO]
              ) -> CachedShard | None:
@@ -292,5 +305,9 @@ def _fsync_folder(folder: Path) -> None:
 
 @functools.cache
 def cache_for(root: str, url: str, limit: int) -> ShardCache:
-    """This process's `ShardCache` for a source: one per (folder, URL, limit), kept."""
+    """This process's `ShardCache` for a source: one per (folder, URL, limit), kept.
+
+    Not thread-safe on a first call: `pipeline.read_ahead` makes it in the reader's thread
+    (`ShardSource.prepare_cache`) before any fetch thread starts.
+    """
     return ShardCache(root, url, limit)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from pipeline.cache import CachedShard, cache_for, shard_checks
+from pipeline.cache import CachedShard, ShardCache, cache_for
 from pipeline.plan import Segment
 from pipeline.remote import RemoteOptions, RemoteReadError, open_remote
 from pipeline.tarstream import TarFormatError, iter_tar
@@ -46,8 +46,6 @@ from shards.format import (
     validate_meta,
 )
 from shards.remote import HttpError, http_status
-
-_CHECKS_LOCK = threading.Lock()
 
 
 class ShardReadError(Exception):
@@ -144,18 +142,28 @@ class ShardSource:
         return open_remote(self.url_of(name), self.remote, shard=name, size=size,
                            storage_options=self.storage_options, stop=stop)
 
+    def prepare_cache(self) -> ShardCache | None:
+        """This process's cache of the source with its shard checks loaded (one `meta.json`
+        read per process); None for a local source or without `cache_dir`.
+
+        `pipeline.read_ahead` calls it in the reader's thread before it starts any fetch
+        thread, so the threads share one `ShardCache` and one read of `meta.json`.
+        """
+        if self.is_local or self.remote.cache_dir is None:
+            return None
+        cache = cache_for(self.remote.cache_dir, self.url, self.remote.cache_limit)
+        cache.load_checks(self.read_meta)
+        return cache
+
     def open_shard(self, name: str, stop: threading.Event | None = None
                    ) -> BinaryIO | CachedShard:
         """A reader for shard `name`: from the cache when one is set, else as `open`.
 
         With a cache this returns once the shard is there (fetched and verified if need be).
         """
-        if self.is_local or self.remote.cache_dir is None:
+        cache = self.prepare_cache()
+        if cache is None:
             return self.open(name, stop=stop)
-        cache = cache_for(self.remote.cache_dir, self.url, self.remote.cache_limit)
-        with _CHECKS_LOCK:  # a read-ahead thread may ask at the same time
-            if cache.checks is None:  # once per process: what each shard must be
-                cache.checks = shard_checks(self.read_meta())
         check = cache.checks.get(name)
         if check is None:
             raise ShardReadError(name, f"meta.json at {self.url} lists no size and sha256 for "
