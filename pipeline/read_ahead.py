@@ -173,6 +173,12 @@ class ShardFetch:
                                         daemon=True)
         self._thread.start()
 
+    @property
+    def held_back(self) -> bool:
+        """Whether its download is waiting for the reader (`window` bytes ahead of it)."""
+        spool = self._spool
+        return spool is not None and spool.waiting
+
     def _run(self) -> None:
         spool = None
         try:

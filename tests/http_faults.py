@@ -8,17 +8,25 @@ faults for a file's next GETs, one per request, each a tuple:
 - `("stall", n, seconds)`: send the headers and `n` bytes, go quiet for `seconds` (None:
   until the server stops), then close;
 - `("close", n)`: send the headers and `n` bytes, then drop the connection;
-- `("delay", seconds)`: wait, then answer normally.
+- `("delay", seconds)`: wait, then answer normally;
+- `("hold", n, event)`: send the headers and `n` bytes, wait for the `threading.Event`
+  (or the server to stop), then drop the connection.
+
+`server.sent(name)` counts the body bytes handed to the socket so far (written in pieces
+of `PIECE` bytes, each counted once the socket took it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.server
+import socket
 import threading
 from collections import defaultdict, deque
 from collections.abc import Iterator
 from pathlib import Path
+
+PIECE = 64 << 10
 
 
 class FaultyServer(http.server.ThreadingHTTPServer):
@@ -29,8 +37,10 @@ class FaultyServer(http.server.ThreadingHTTPServer):
         self.folder = Path(folder)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self.gets: list[tuple[str, str | None]] = []
+        self.sent_bytes: dict[str, int] = defaultdict(int)
         self.faults: dict[str, deque] = defaultdict(deque)
         self.ignore_range = False
+        self.send_buffer: int | None = None  # SO_SNDBUF: `sent` then trails the client closely
         self.stopping = threading.Event()
         self.lock = threading.Lock()
 
@@ -43,6 +53,11 @@ class FaultyServer(http.server.ThreadingHTTPServer):
         with self.lock:
             return sum(1 for path, _ in self.gets if path.endswith(suffix))
 
+    def sent(self, name: str) -> int:
+        """Body bytes of `name` the sockets took so far, over all its GETs."""
+        with self.lock:
+            return self.sent_bytes[f"/{name}"]
+
     def ranges(self, name: str) -> list:
         with self.lock:
             return [r for path, r in self.gets if path == f"/{name}"]
@@ -54,6 +69,11 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+    def setup(self) -> None:
+        if self.server.send_buffer is not None:
+            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.server.send_buffer)
+        super().setup()
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server name
         srv = self.server
@@ -84,15 +104,25 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if fault and fault[0] in ("stall", "close"):
-            self.wfile.write(body[:fault[1]])
-            self.wfile.flush()
+        if fault and fault[0] in ("stall", "close", "hold"):
+            self._send(path, body[:fault[1]])
             if fault[0] == "stall":
                 srv.stopping.wait(fault[2])
+            if fault[0] == "hold":
+                while not (fault[2].is_set() or srv.stopping.is_set()):
+                    fault[2].wait(0.05)
             self.close_connection = True
             return
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # client gave up
-            self.wfile.write(body)
+            self._send(path, body)
+
+    def _send(self, path: str, body: bytes) -> None:
+        for at in range(0, len(body), PIECE):
+            piece = body[at:at + PIECE]
+            self.wfile.write(piece)
+            self.wfile.flush()
+            with self.server.lock:
+                self.server.sent_bytes[path] += len(piece)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ cache file behind. Every read is compared with the same task read from disk.
 from __future__ import annotations
 
 import os
+import tarfile
 import tempfile
 import threading
 import time
@@ -19,7 +20,8 @@ import pytest
 from pipeline.actors import ShardReader
 from pipeline.cache import cache_for
 from pipeline.plan import ActorTask, Segment
-from pipeline.remote import RemoteOptions
+from pipeline.read_ahead import CHUNK, JOIN_S, ReadAhead, ShardFetch
+from pipeline.remote import CallOff, RemoteOptions
 from pipeline.source import ShardReadError, ShardSource, read_segment
 from pipeline.transforms import valid_tfms
 from tests.http_faults import serve_faulty
@@ -232,3 +234,103 @@ def test_a_shard_fetched_ahead_is_not_evicted_before_it_is_read(shard_set, serve
     got += reader.next_batches("t", plan.num_batches)
     assert keys(got) == keys(run_on_disk(shard_set, plan))
     assert server.count(second) == 1
+
+
+def sample_ends(shard_path) -> list[int]:
+    """Where each sample's last member ends in the tar (padded), in order."""
+    ends: dict[str, int] = {}
+    with tarfile.open(shard_path) as tar:
+        for member in tar.getmembers():
+            key = member.name.rsplit(".", 1)[0]
+            ends[key] = member.offset_data + -(-member.size // 512) * 512
+    return list(ends.values())
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_download_that_breaks_mid_shard_resumes_where_it_broke(retries, shard_set, server):
+    name = next(s["name"] for s in shard_set.meta["splits"]["train"]["shards"]
+                if s["count"] >= 4)
+    count = counts(shard_set)[name]
+    cut = sample_ends(shard_set.folder / name)[2]  # samples 0, 1 and 2 arrive whole
+    go_on = threading.Event()
+    server.fail(name, ("hold", cut, go_on))  # then the connection drops, once
+    source = remote(server.url, retries=retries)
+    fetch = ShardFetch(source, name)
+    samples = read_segment(source, Segment(name, 0, count), fetch.open)
+    taken = [next(samples).key for _ in range(2)]  # the third is seen once the fourth starts
+    assert server.ranges(name) == [None]  # the reader is part-way in, the download held
+    go_on.set()
+    on_disk = [s.key for s in read_segment(ShardSource.of(shard_set.folder),
+                                           Segment(name, 0, count))]
+    if retries:
+        assert taken + [s.key for s in samples] == on_disk  # every sample, once
+        assert server.ranges(name) == [None, f"bytes={cut}-"]  # resumed where it broke
+    else:
+        with pytest.raises(ShardReadError) as err:
+            list(samples)
+        message = str(err.value)
+        assert f"{server.url}/{name}" in message and f"at byte {cut}" in message
+        assert "broke off after 2 samples" in message  # the third waited for the fourth
+    assert wait_for(lambda: not read_ahead_threads()) and not spool_files()
+
+
+def test_a_download_runs_at_most_a_window_ahead_of_its_reader(tmp_path):
+    window, slack = 2 << 20, 8 << 20  # slack: what the client socket's kernel buffer holds
+    data = os.urandom(window + CHUNK + slack + (16 << 20))
+    (tmp_path / "big.tar").write_bytes(data)
+    with serve_faulty(tmp_path) as srv:
+        srv.send_buffer = 64 << 10  # the server's socket buffer holds little
+        fetch = ShardFetch(remote(srv.url), "big.tar", window=window)
+        reader = fetch.open()  # the reader waits at the start
+        assert wait_for(lambda: fetch.held_back)
+        assert srv.sent("big.tar") <= window + CHUNK + slack
+        got = reader.read(5 << 20)  # reading on lets it go on
+        got += reader.read()
+        reader.close()
+        assert got == data and srv.sent("big.tar") == len(data)  # one download, whole
+    assert not read_ahead_threads() and not spool_files()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_closing_breaks_a_read_blocked_on_a_quiet_server(mode, shard_set, server, tmp_path):
+    name = names(shard_set)[0]
+    server.fail(name, ("stall", 100, None))  # 100 bytes, then quiet until the server stops
+    fetch = ShardFetch(source_for(mode, server.url, tmp_path, read_timeout=60, retries=0),
+                       name)
+    assert wait_for(lambda: server.sent(name) == 100)
+    started = time.monotonic()
+    fetch.close()  # without breaking the read: JOIN_S of waiting, then a thread left behind
+    assert time.monotonic() - started < JOIN_S / 2
+    assert not read_ahead_threads() and not spool_files()
+    assert not list(tmp_path.glob("**/*.part-*"))
+
+
+def test_no_second_download_of_a_shard_being_read(shard_set, server):
+    a, b = names(shard_set)[:2]
+    n = counts(shard_set)[a]
+    hold = threading.Event()  # every GET sends its headers, then waits: threads stay alive
+    for name in (a, b):
+        server.fail(name, *[("hold", 0, hold)] * 4)
+    segments = [Segment(a, 0, 2), Segment(a, 2, 4), Segment(b, 0, 2), Segment(a, 4, n)]
+    ahead = ReadAhead([remote(server.url)], segments)
+    try:
+        ahead.opener(0)  # not the next: it is the same shard
+        assert [t.name for t in read_ahead_threads()] == [f"read-ahead {a}"]
+        ahead.opener(1)  # the first closed; the next is another shard
+        assert sorted(t.name for t in read_ahead_threads()) == [f"read-ahead {a}",
+                                                                f"read-ahead {b}"]
+        ahead.opener(2)  # not the next: it is the shard read just before
+        assert [t.name for t in read_ahead_threads()] == [f"read-ahead {b}"]
+    finally:
+        hold.set()
+        ahead.close()
+    assert not read_ahead_threads()
+
+
+def test_a_called_off_read_is_a_shard_read_error(shard_set, server):
+    name = names(shard_set)[0]
+    source, stop = remote(server.url), CallOff()
+    stop.set()
+    with pytest.raises(ShardReadError) as err:  # not ReadCancelled: skip mode can skip it
+        list(read_segment(source, Segment(name, 0, 2), lambda: source.open(name, stop=stop)))
+    assert "was called off" in str(err.value) and f"{server.url}/{name}" in str(err.value)
