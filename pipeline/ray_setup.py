@@ -42,6 +42,7 @@ PRELOAD_MODULES = ("pipeline.actors",)
 # second of throughput (13-58 MB in tests/test_stream_memory.py, against the 10 MB prefetch
 # window). 0 deletes each object as soon as it is released (2-3 MB there). The batching
 # saves a free request to every other node per object, and a local Ray has no other node.
+# Period 0 also drops the raylet's periodic spill check; it still spills on seal or a full store.
 FREE_AT_ONCE = {"free_objects_period_milliseconds": 0}
 AUTH_MODE = "RAY_AUTH_MODE"
 CONNECT_TIMEOUT_S = 5.0  # a GCS that does not accept a TCP connection in this time is not there

@@ -8,10 +8,11 @@ Remote sources read through `pipeline.remote` (timeouts, retries that resume whe
 broke) and, with `RemoteOptions.cache_dir`, through a local cache (`pipeline.cache`).
 
 Shards are read front to back (`pipeline.tarstream`, a stream reader like `tarfile`'s
-`r|` mode): nothing is extracted or unpickled, and a segment that ends early stops the
-download there. (An actor's `ShardReader` reads remote shards through
-`pipeline.read_ahead`, which fetches its next shard meanwhile, into the cache or, without
-one, an unlinked temporary file.) A tar cut at a header reads
+`r|` mode): nothing is extracted or unpickled, and a segment that ends early stops
+reading there. (An actor's `ShardReader` reads remote shards through `pipeline.read_ahead`,
+which fetches its next shard meanwhile: whole into the cache, or, without one, into an
+unlinked temporary file at most `read_ahead.WINDOW` bytes ahead of the reader, so a
+segment that ends early costs at most that much more.) A tar cut at a header reads
 as a short, valid archive, so every read is checked against the sample counts in
 `meta.json`; a short shard is a `ShardReadError`. Every sample is checked by
 `shards.format.sample_problem` (its members, and their CRC32s in format 2) before anything
