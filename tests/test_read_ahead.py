@@ -1,10 +1,12 @@
-"""Read-ahead of remote shards (`pipeline.read_ahead`) through a real `ShardReader`.
+"""Read-ahead of remote shards (`pipeline.read_ahead`) through a real `ShardReader`, and
+its parts (`ShardFetch`, `ReadAhead`) where one step must be held still.
 
 Shards come from a request-logging HTTP server on 127.0.0.1 (`tests.http_faults`). The
 tests check the order of events, not timings: the next shard's GET arrives while the
 reader is paused inside the shard before it; a fetch that failed in the background is
 reported when its shard is reached; closing leaves no thread, temporary file or partial
-cache file behind. Every read is compared with the same task read from disk.
+cache file behind; a download stays a window ahead of its reader (the server's count of
+bytes sent). Every read is compared with the same read from disk.
 """
 
 from __future__ import annotations
