@@ -24,3 +24,22 @@ def ray_local():
             _system_config=FREE_AT_ONCE,
         )
     yield ray
+
+
+@pytest.fixture()
+def server(shard_set):
+    """`tests.http_faults.serve_faulty` over the test module's own `shard_set` folder."""
+    from tests.http_faults import serve_faulty
+
+    with serve_faulty(shard_set.folder) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def fresh_cache():
+    """The test starts like a new process: no `ShardCache` that has verified files yet."""
+    from pipeline.cache import cache_for
+
+    cache_for.cache_clear()
+    yield
+    cache_for.cache_clear()

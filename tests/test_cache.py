@@ -19,25 +19,13 @@ from pipeline.source import ShardReadError, ShardSource, read_segment
 from tests.http_faults import serve_faulty
 from tests.shard_fixtures import make_shards
 
+pytestmark = pytest.mark.usefixtures("fresh_cache")
+
 
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("shards"), {"train": 30}, samples_per_shard=5,
                        noise=True)
-
-
-@pytest.fixture()
-def server(shard_set):
-    with serve_faulty(shard_set.folder) as srv:
-        yield srv
-
-
-@pytest.fixture(autouse=True)
-def fresh_process_state():
-    """Each test starts like a new process: no `ShardCache` that has verified files yet."""
-    cache_for.cache_clear()
-    yield
-    cache_for.cache_clear()
 
 
 def shards(shard_set) -> list[dict]:

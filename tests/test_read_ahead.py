@@ -20,7 +20,6 @@ import time
 import pytest
 
 from pipeline.actors import ShardReader
-from pipeline.cache import cache_for
 from pipeline.plan import ActorTask, Segment
 from pipeline.read_ahead import CHUNK, JOIN_S, ReadAhead, ShardFetch
 from pipeline.remote import CallOff, RemoteOptions
@@ -29,24 +28,13 @@ from pipeline.transforms import valid_tfms
 from tests.http_faults import serve_faulty
 from tests.shard_fixtures import make_shards
 
+pytestmark = pytest.mark.usefixtures("fresh_cache")
+
 
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory):  # 14 shards of about 6 samples
     return make_shards(tmp_path_factory.mktemp("shards"), {"train": 85}, samples_per_shard=5,
                        noise=True)
-
-
-@pytest.fixture()
-def server(shard_set):
-    with serve_faulty(shard_set.folder) as srv:
-        yield srv
-
-
-@pytest.fixture(autouse=True)
-def fresh_process_state():
-    cache_for.cache_clear()
-    yield
-    cache_for.cache_clear()
 
 
 def names(shard_set) -> list[str]:

@@ -14,7 +14,6 @@ from pipeline.plan import Segment
 from pipeline.remote import RemoteOptions, open_remote, parse_size
 from pipeline.settings import StreamSettings
 from pipeline.source import ShardReadError, ShardSource, read_segment
-from tests.http_faults import serve_faulty
 from tests.shard_fixtures import make_shards, serve_s3
 
 FAST = RemoteOptions(read_timeout=0.5, retries=2, backoff=0.05)
@@ -25,12 +24,6 @@ def shard_set(tmp_path_factory):
     # noise images: each shard is ~100 KB, so a cut lands well inside it
     return make_shards(tmp_path_factory.mktemp("shards"), {"train": 12}, samples_per_shard=4,
                        noise=True, image_size=(160, 120))
-
-
-@pytest.fixture()
-def server(shard_set):
-    with serve_faulty(shard_set.folder) as srv:
-        yield srv
 
 
 def first_shard(shard_set) -> dict:
